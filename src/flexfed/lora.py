@@ -119,7 +119,7 @@ def set_adapter(model, adapter: Mapping[str, Factors], adapter_name: str = "defa
 def _rank_layout(ranks: Mapping[str, int]) -> tuple[int, dict[str, int]]:
     """Most common rank as ``r`` plus a rank_pattern (anchored full names) for the rest."""
     common = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {f"^{re.escape(name)}$": r for name, r in ranks.items() if r != common}
+    pattern = {re.escape(name): r for name, r in ranks.items() if r != common}
     return common, pattern
 
 
@@ -205,3 +205,32 @@ def load_adapter(path: str | Path) -> AdapterFile:
         rslora=rslora,
         target_modules=tuple(sorted(target if isinstance(target, list) else [target])),
     )
+
+
+# ----------------------------------------------------------------------------- shapes and init
+
+
+def target_shapes(model, target_modules) -> dict[str, tuple[int, int]]:
+    """``module name -> (d_out, d_in)`` for every linear layer whose kind is targeted."""
+    kinds = set(target_modules)
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module_kind(name) in kinds:
+            shapes[name.removeprefix(_PEFT_PREFIX)] = (module.out_features, module.in_features)
+    found = {module_kind(n) for n in shapes}
+    if kinds - found:
+        raise ValueError(f"lora.target_modules {sorted(kinds - found)} match no linear layer of the model")
+    return shapes
+
+
+def init_adapter(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int], alpha: float, rslora: bool, seed: int) -> Adapter:
+    """PEFT's default LoRA start, from a seed: A ~ kaiming-uniform(a=sqrt 5), B = 0 (ΔW = 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    adapter = {}
+    for name in sorted(shapes):
+        d_out, d_in = shapes[name]
+        r = ranks[name]
+        bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_ with a=sqrt(5) gives exactly this bound
+        a = (torch.rand(r, d_in, generator=generator) * 2 - 1) * bound
+        adapter[name] = Factors(b=torch.zeros(d_out, r), a=a, scale=lora_scale(r, alpha, rslora))
+    return adapter

@@ -128,6 +128,7 @@ def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, 
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=dtype)
         model.config.name_or_path = name_or_path
+    model.name_or_path = name_or_path  # PEFT records this as base_model_name_or_path
     model.to(dtype)
     model.requires_grad_(False)
     model.eval()

@@ -1,0 +1,182 @@
+"""Local training of one client: start from the adapter the server sent, train, return the factors.
+
+One ``LocalTrainer`` wraps the base model with PEFT once and keeps one adapter slot per rank
+layout, so a new client costs a copy of its starting factors, not a new model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from flexfed.config import LoraConfig, TrainingConfig
+from flexfed.data.prompts import IGNORE_INDEX as IGNORE
+from flexfed.data.prompts import EncodedExample
+from flexfed.lora import Adapter, get_adapter, peft_config, set_adapter
+
+@dataclass
+class ClientResult:
+    client_id: str
+    adapter: Adapter
+    num_examples: int
+    loss: float  # mean training loss over the local steps
+    tokens: int  # real (non-padding) tokens processed
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return "AVX512" in torch.backends.cpu.get_cpu_capability() and torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and bf16_supported(device)):
+        return torch.bfloat16
+    return None
+
+
+def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding carries no loss and no attention."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, sort by length inside windows of 8 batches, then shuffle the batches.
+
+    Batches of similar lengths waste little compute on padding; the windows and the final
+    shuffle keep the order random from epoch to epoch.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 8
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def response_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Causal-LM loss computing the output projection only where there is a label.
+
+    Equal to ``model(**batch).loss`` but skips the vocabulary-sized projection on prompt and
+    padding positions, which dominate the sequence.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+class LocalTrainer:
+    """Trains client adapters on one shared PEFT-wrapped base model."""
+
+    def __init__(self, base_model, lora: LoraConfig, training: TrainingConfig, pad_id: int, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.base_model = base_model.to(self.device)
+        self.lora = lora
+        self.training = training
+        self.pad_id = pad_id
+        self.autocast = autocast_dtype(training.precision, self.device)
+        self.peft_model = None
+        self._slots: dict[tuple, str] = {}
+
+    def _slot(self, ranks: Mapping[str, int]) -> str:
+        """The adapter slot for this rank layout, created on first use."""
+        key = tuple(sorted(ranks.items()))
+        if key not in self._slots:
+            from peft import get_peft_model
+
+            name = f"ranks{len(self._slots)}"
+            config = peft_config(self.base_model.config.name_or_path, ranks, self.lora.alpha, self.lora.rslora)
+            config.target_modules = sorted({n for n in ranks})  # exactly these modules, by full name
+            if self.peft_model is None:
+                self.peft_model = get_peft_model(self.base_model, config, adapter_name=name)
+            else:
+                self.peft_model.add_adapter(name, config)
+            self._slots[key] = name
+        return self._slots[key]
+
+    def activate(self, start: Adapter) -> str:
+        name = self._slot({n: f.rank for n, f in start.items()})
+        self.peft_model.set_adapter(name)
+        set_adapter(self.peft_model, start, adapter_name=name)
+        for pname, p in self.peft_model.named_parameters():
+            p.requires_grad_(f".{name}." in pname and "lora_" in pname)
+        return name
+
+    def _optimizer(self, params):
+        t = self.training
+        if t.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def _num_steps(self, num_examples: int) -> int:
+        t = self.training
+        if t.local_steps is not None:
+            return t.local_steps
+        return max(1, math.ceil(t.local_epochs * math.ceil(num_examples / t.batch_size)))
+
+    def train(self, client_id: str, start: Adapter, examples: Sequence[EncodedExample], seed: int) -> ClientResult:
+        """Train from ``start`` on ``examples``; deterministic for a given ``seed``."""
+        if not examples:
+            raise ValueError(f"client {client_id}: no training examples")
+        began = time.perf_counter()
+        name = self.activate(start)
+        model = self.peft_model
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = self._optimizer(params)
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        lengths = [len(e.input_ids) for e in examples]
+        batches: list[list[int]] = []
+        losses, tokens = [], 0
+        model.train()
+        for _ in range(self._num_steps(len(examples))):
+            if not batches:
+                batches = length_bucketed_batches(lengths, self.training.batch_size, rng)
+            batch = collate([examples[i] for i in batches.pop()], self.pad_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+                loss = response_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"client {client_id}: non-finite training loss at step {len(losses)}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.training.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm)
+            optimizer.step()
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+        model.eval()
+        return ClientResult(
+            client_id=client_id,
+            adapter=get_adapter(model, adapter_name=name),
+            num_examples=len(examples),
+            loss=sum(losses) / len(losses),
+            tokens=tokens,
+            seconds=time.perf_counter() - began,
+            losses=losses,
+        )

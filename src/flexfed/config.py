@@ -1,0 +1,205 @@
+"""The run schema: one YAML file fully describes a run; ``--set key=value`` overrides any field.
+
+Validation happens before any work starts: an unknown key, a wrong type or an impossible value
+is reported with its dotted path.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "smollm2-135m-instruct"  # a packaged name, a Hugging Face id or a local path
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class DataConfig(_Section):
+    source: Literal["builtin", "natural-instructions", "instruction-jsonl", "prompt-completion"] = "builtin"
+    path: str | None = None
+    examples_per_task: int = Field(64, ge=2)  # built-in suite only
+    max_examples_per_task: int | None = Field(None, ge=2)
+    unseen_fraction: float = Field(0.25, gt=0, lt=1)
+    holdout_by: Literal["category", "task"] = "category"
+    partition: Literal["by_task", "dirichlet", "iid"] = "by_task"
+    num_clients: int | None = Field(None, ge=1)  # dirichlet / iid
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    max_examples_per_client: int | None = Field(None, ge=1)  # by_task: cut large tasks into several clients
+    max_tokens: int = Field(256, ge=16)
+    max_response_tokens: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source != "builtin" and not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        if self.partition in ("dirichlet", "iid") and self.num_clients is None:
+            raise ValueError(f"data.num_clients is required for data.partition={self.partition!r}")
+        if self.max_response_tokens >= self.max_tokens:
+            raise ValueError("data.max_response_tokens must be smaller than data.max_tokens")
+        return self
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
+class RankType(_Section):
+    attention: int = Field(ge=1)  # rank on q,k,v,o (and any other targeted non-MLP layer)
+    mlp: int = Field(ge=1)  # rank on gate,up,down
+
+
+class ResourcesConfig(_Section):
+    """Per-client ranks. ``homogeneous`` gives every client ``lora.rank`` everywhere."""
+
+    distribution: Literal["homogeneous", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal", "custom"] = "homogeneous"
+    types: dict[str, RankType] = Field(default_factory=dict)  # overrides/extends T1..T4
+    mix: dict[str, float] = Field(default_factory=dict)  # type -> share, for distribution=custom
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.distribution == "custom":
+            if not self.mix:
+                raise ValueError("resources.mix is required for resources.distribution=custom")
+            if any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
+                raise ValueError("resources.mix shares must be non-negative and not all zero")
+        return self
+
+
+class TrainingConfig(_Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+    batch_size: int = Field(4, ge=1)
+    local_steps: int | None = Field(8, ge=1)
+    local_epochs: float | None = Field(None, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the hardware has it
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of training.local_steps and training.local_epochs (the other to null)")
+        return self
+
+
+class FederationConfig(_Section):
+    method: str = "fedit"
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    rounds: int = Field(3, ge=1)
+    sample_fraction: float = Field(0.1, gt=0, le=1)
+    min_clients: int = Field(1, ge=1)  # a round with fewer successful clients keeps the old global adapter
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=1)  # round 0 and the last round are always evaluated
+    seen_examples_per_task: int = Field(2, ge=1)  # held out from seen tasks, never trained on
+    seen_examples: int = Field(64, ge=1)  # at most this many of the held-out seen examples
+    unseen_examples: int = Field(64, ge=1)  # fixed seeded subset of the unseen tasks
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"  # the run directory is output_dir/name
+    device: str = "auto"  # auto: cuda when available, else cpu
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @model_validator(mode="after")
+    def _check_method(self):
+        from flexfed.aggregation import Aggregator
+
+        if self.federation.method not in Aggregator.registry:
+            raise ValueError(f"federation.method {self.federation.method!r} is not one of {sorted(Aggregator.registry)}")
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``["training.lr=1e-4", "lora.target_modules=[q_proj,v_proj]"]`` onto a raw mapping."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[leaf] = _parse_value(value.strip())
+    return raw
+
+
+def builtin_config_path(name: str) -> Path:
+    path = resources.files("flexfed") / "configs" / f"{name}.yaml"
+    return Path(str(path))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load and validate a run config; ``path`` may name a packaged config (e.g. ``quickstart``)."""
+    if path is None:
+        path = "quickstart"
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and builtin_config_path(str(path)).exists():
+        path = builtin_config_path(str(path))
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return validate(apply_overrides(raw, list(overrides)), source=str(path))
+
+
+def validate(raw: dict, source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def dump(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

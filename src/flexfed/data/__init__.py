@@ -1,0 +1,54 @@
+"""Tasks, client partitions and prompts for federated instruction tuning.
+
+Load tasks (`load_tasks`), split off unseen categories (`split_tasks`) and held-out examples
+(`holdout_examples`), describe clients cheaply (`partition` → `ClientShard`), look a sampled
+client's examples up (`materialize`) and encode them with the model's chat template
+(`encode_for_training`, `encode_prompt`).
+"""
+
+from flexfed.data.builtin import FAMILIES, builtin_suite
+from flexfed.data.jsonl import dataset_categories, load_instruction_jsonl, load_prompt_completion_dir
+from flexfed.data.natural_instructions import load_natural_instructions
+from flexfed.data.partition import PARTITIONERS, by_task, dirichlet, holdout_examples, iid, partition, split_tasks
+from flexfed.data.prompts import (
+    IGNORE_INDEX,
+    EncodedExample,
+    encode_for_training,
+    encode_prompt,
+    end_of_turn_id,
+    messages,
+    user_content,
+)
+from flexfed.data.sources import SOURCES, load_tasks
+from flexfed.data.types import ClientShard, Example, Task, TaskTable, materialize, task_table
+
+__all__ = [
+    "FAMILIES",
+    "IGNORE_INDEX",
+    "PARTITIONERS",
+    "SOURCES",
+    "ClientShard",
+    "EncodedExample",
+    "Example",
+    "Task",
+    "TaskTable",
+    "builtin_suite",
+    "by_task",
+    "dataset_categories",
+    "dirichlet",
+    "encode_for_training",
+    "encode_prompt",
+    "end_of_turn_id",
+    "holdout_examples",
+    "iid",
+    "load_instruction_jsonl",
+    "load_natural_instructions",
+    "load_prompt_completion_dir",
+    "load_tasks",
+    "materialize",
+    "messages",
+    "partition",
+    "split_tasks",
+    "task_table",
+    "user_content",
+]

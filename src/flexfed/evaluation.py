@@ -1,0 +1,115 @@
+"""Evaluation: batched greedy generation scored with Rouge-L (as Natural Instructions does), and loss.
+
+Evaluation runs in the model's own dtype: on CPU, bf16 autocast makes token-by-token decoding
+about 5x slower (measured on SmolLM2-135M: 19 s vs 4 s for 16 prompts x 24 tokens), because
+each step's matrices are too small to repay the casts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+from flexfed.client import collate, response_loss
+from flexfed.data.prompts import EncodedExample
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    task: str
+    category: str
+    prompt_ids: tuple[int, ...]
+    references: tuple[str, ...]
+    scored: EncodedExample  # prompt + first reference, for the evaluation loss
+
+
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """Rouge-L F-measure against the best-matching reference."""
+    return max(_scorer().score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions, batched by similar length with left padding and the KV cache."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(prompts[i])
+            ids[row, width - n :] = torch.tensor(prompts[i])
+            mask[row, width - n :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=_stop_ids(tokenizer),
+        )
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+    return out
+
+
+@torch.no_grad()
+def evaluation_loss(model, items: Sequence[EvalItem], pad_id: int, batch_size: int) -> float:
+    """Token-weighted mean response loss over ``items``."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        batch = collate([it.scored for it in items[start : start + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += response_loss(model, batch).item() * n
+        count += n
+    return total / max(count, 1)
+
+
+def evaluate(model, tokenizer, items: Sequence[EvalItem], max_new_tokens: int, batch_size: int) -> dict:
+    """Rouge-L (mean over items, and per category) and loss of ``model`` on ``items``."""
+    if not items:
+        return {"rouge_l": None, "loss": None, "rouge_l_by_category": {}, "predictions": []}
+    was_training = model.training
+    model.eval()
+    predictions = generate(model, tokenizer, [it.prompt_ids for it in items], max_new_tokens, batch_size)
+    loss = evaluation_loss(model, items, tokenizer.pad_token_id, batch_size)
+    model.train(was_training)
+    scores = [rouge_l(p, it.references) for p, it in zip(predictions, items)]
+    by_category = defaultdict(list)
+    for s, it in zip(scores, items):
+        by_category[it.category].append(s)
+    return {
+        "rouge_l": sum(scores) / len(scores),
+        "loss": loss,
+        "rouge_l_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
+        "predictions": [
+            {"task": it.task, "prediction": p, "reference": it.references[0], "rouge_l": s}
+            for it, p, s in zip(items, predictions, scores)
+        ],
+    }

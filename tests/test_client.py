@@ -1,0 +1,72 @@
+import random
+
+import pytest
+import torch
+
+from flexfed.client import LocalTrainer, collate, length_bucketed_batches, response_loss
+from flexfed.config import load_config
+from flexfed.data import encode_for_training
+from flexfed.lora import init_adapter, lora_scale, target_shapes
+from flexfed.models import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    pairs = [("Reverse the word.", w, w[::-1]) for w in ["apple", "river", "stone", "cloud", "green", "table", "music", "light"]]
+    return [encode_for_training(tokenizer, d, x, y, 96, 16) for d, x, y in pairs]
+
+
+def _trainer(tokenizer, *overrides, rank=4):
+    config = load_config("tiny", [f"lora.rank={rank}", *overrides])
+    model = tiny_llama()
+    shapes = target_shapes(model, config.lora.target_modules)
+    trainer = LocalTrainer(model, config.lora, config.training, tokenizer.pad_token_id)
+    start = init_adapter(shapes, {n: rank for n in shapes}, config.lora.alpha, config.lora.rslora, seed=0)
+    return trainer, start, config
+
+
+def test_response_loss_equals_the_full_logits_loss(tokenizer, examples):
+    model = tiny_llama()
+    batch = collate(examples[:4], tokenizer.pad_token_id)
+    full = model(**batch).loss
+    torch.testing.assert_close(response_loss(model, batch), full, rtol=1e-5, atol=1e-5)
+
+
+def test_length_buckets_cover_every_example_once():
+    lengths = [random.Random(i).randint(5, 50) for i in range(37)]
+    batches = length_bucketed_batches(lengths, 4, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(37))
+    assert all(len(b) <= 4 for b in batches)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_training_lowers_the_loss_and_is_deterministic(tokenizer, examples, optimizer):
+    lr = "0.01" if optimizer == "adamw" else "0.5"
+    trainer, start, _ = _trainer(tokenizer, f"training.optimizer={optimizer}", f"training.lr={lr}", "training.local_steps=12", "training.precision=fp32")
+    one = trainer.train("c1", start, examples, seed=3)
+    two = trainer.train("c1", start, examples, seed=3)
+    assert one.losses[-1] < one.losses[0]
+    assert one.num_examples == len(examples) and one.tokens > 0 and len(one.losses) == 12
+    for n in start:
+        assert torch.equal(one.adapter[n].a, two.adapter[n].a) and torch.equal(one.adapter[n].b, two.adapter[n].b)
+        assert one.adapter[n].scale == lora_scale(4, 8)
+    assert any(not torch.equal(one.adapter[n].b, start[n].b) for n in start)
+
+
+def test_switching_rank_slots_leaves_other_clients_untouched(tokenizer, examples):
+    trainer, start4, config = _trainer(tokenizer, "training.precision=fp32")
+    shapes = {n: (f.b.shape[0], f.a.shape[1]) for n, f in start4.items()}
+    start2 = init_adapter(shapes, {n: 2 for n in shapes}, config.lora.alpha, False, seed=1)
+    first = trainer.train("a", start4, examples, seed=0)
+    trainer.train("b", start2, examples, seed=0)
+    again = trainer.train("a", start4, examples, seed=0)
+    assert {f.rank for f in again.adapter.values()} == {4}
+    for n in start4:
+        assert torch.equal(first.adapter[n].b, again.adapter[n].b)
+    assert len(trainer._slots) == 2  # one PEFT model, two adapter slots, no re-wrapping
+
+
+def test_empty_client_is_an_error(tokenizer):
+    trainer, start, _ = _trainer(tokenizer)
+    with pytest.raises(ValueError, match="client empty: no training examples"):
+        trainer.train("empty", start, [], seed=0)
