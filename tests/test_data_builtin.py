@@ -109,11 +109,6 @@ def test_number_words_and_roman_numerals():
     assert [roman(n) for n in (1, 4, 9, 14, 40, 90, 399)] == ["I", "IV", "IX", "XIV", "XL", "XC", "CCCXCIX"]
 
 
-def test_answers_fit_in_twenty_tokens(suite):
-    from flexfed.models import SMOLLM2, cache_dir, load_tokenizer
-
-    if not (cache_dir() / "models" / SMOLLM2 / "tokenizer.json").exists():
-        pytest.skip("SmolLM2 tokenizer not cached (run flexfed.models.load_tokenizer() once, online)")
-    tokenizer = load_tokenizer()
+def test_answers_fit_in_twenty_tokens(suite, tokenizer):
     longest = max(len(tokenizer(e.outputs[0])["input_ids"]) for t in suite for e in t.examples)
     assert longest <= 20

@@ -22,15 +22,6 @@ DEFINITION = "Write the larger of the two numbers."
 ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from flexfed.models import SMOLLM2, cache_dir, load_tokenizer
-
-    if not (cache_dir() / "models" / SMOLLM2 / "tokenizer.json").exists():
-        pytest.skip("SmolLM2 tokenizer not cached (run flexfed.models.load_tokenizer() once, online)")
-    return load_tokenizer()
-
-
 def long_input(words: int = 600) -> str:
     return " ".join(f"word{i}" for i in range(words)) + " Question: which number is larger, 3 or 7?"
 

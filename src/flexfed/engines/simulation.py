@@ -13,14 +13,14 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flexfed import config as config_lib
-from flexfed.client import LocalTrainer
+from flexfed.client import ClientResult, LocalTrainer
 from flexfed.config import RunConfig
 from flexfed.evaluation import evaluate
 from flexfed.federation import Federation, build_federation, client_examples
-from flexfed.lora import adapter_bytes, target_shapes
+from flexfed.lora import Adapter, adapter_bytes, module_kind, target_shapes
 from flexfed.models import load_model, load_tokenizer
 from flexfed.resources import client_profiles
-from flexfed.server import Server, ServerState, UpdateRejected, load_checkpoint, save_checkpoint
+from flexfed.server import Server, ServerState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,42 +72,55 @@ class Simulation:
         out["time_eval_s"] = time.perf_counter() - began
         return out
 
-    def train_round(self, state: ServerState, round_: int, progress: Progress | None) -> tuple[list, list, list[dict], list[dict]]:
-        """Train every sampled client; returns updates, weights, client records, failures."""
-        sampled = self.server.sample(round_)
-        task = progress.add_task(f"round {round_} clients", total=len(sampled)) if progress else None
-        updates, weights, records, failures = [], [], [], []
-        for c in sampled:
+    def execute(self, round_: int, starts: dict[int, Adapter], progress: Progress | None) -> dict[int, ClientResult | Exception]:
+        """Train each client from its start adapter; an engine overrides this to train elsewhere."""
+        task = progress.add_task(f"round {round_} clients", total=len(starts)) if progress else None
+        outcomes: dict[int, ClientResult | Exception] = {}
+        for c, start in starts.items():
             shard = self.federation.clients[c]
-            start = self.server.start_adapter(state, c)
             try:
                 examples = client_examples(self.config, self.tokenizer, self.federation, shard)
-                result = self.trainer.train(shard.client_id, start, examples, self.server.client_seed(round_, c))
-                self.server.check_update(c, result.adapter)
-            except (UpdateRejected, FloatingPointError, ValueError, RuntimeError) as err:
-                log.warning("round %d: client %s left out: %s", round_, shard.client_id, err)
-                failures.append({"id": shard.client_id, "reason": str(err), "bytes_down": adapter_bytes(start)})
-            else:
-                updates.append(result.adapter)
-                weights.append(result.num_examples)
-                records.append(
-                    {
-                        "id": shard.client_id,
-                        "task": shard.task,
-                        "profile": self.server.profiles[self.server.client_profile[c]].name,
-                        "ranks": _ranks_by_kind(self.server.ranks_of(c)),
-                        "examples": result.num_examples,
-                        "tokens": result.tokens,
-                        "seconds": result.seconds,
-                        "loss": result.loss,
-                        "bytes_down": adapter_bytes(start),
-                        "bytes_up": adapter_bytes(result.adapter),
-                    }
-                )
+                outcomes[c] = self.trainer.train(shard.client_id, start, examples, self.server.client_seed(round_, c))
+            except (FloatingPointError, ValueError, RuntimeError) as err:
+                outcomes[c] = err
             if progress:
                 progress.advance(task)
         if progress:
             progress.remove_task(task)
+        return outcomes
+
+    def train_round(self, state: ServerState, round_: int, progress: Progress | None) -> tuple[list, list, list[dict], list[dict]]:
+        """Train every sampled client; returns accepted updates, their weights, client records, failures."""
+        starts = {c: self.server.start_adapter(state, c) for c in self.server.sample(round_)}
+        outcomes = self.execute(round_, starts, progress)
+        updates, weights, records, failures = [], [], [], []
+        for c, start in starts.items():
+            shard = self.federation.clients[c]
+            result = outcomes.get(c, TimeoutError("no reply"))
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                self.server.check_update(c, result.adapter)
+            except Exception as err:  # noqa: BLE001 - any client failure only drops that client
+                log.warning("round %d: client %s left out: %s", round_, shard.client_id, err)
+                failures.append({"id": shard.client_id, "reason": f"{type(err).__name__}: {err}", "bytes_down": adapter_bytes(start)})
+                continue
+            updates.append(result.adapter)
+            weights.append(result.num_examples)
+            records.append(
+                {
+                    "id": shard.client_id,
+                    "task": shard.task,
+                    "profile": self.server.profiles[self.server.client_profile[c]].name,
+                    "ranks": _ranks_by_kind(self.server.ranks_of(c)),
+                    "examples": result.num_examples,
+                    "tokens": result.tokens,
+                    "seconds": result.seconds,
+                    "loss": result.loss,
+                    "bytes_down": adapter_bytes(start),
+                    "bytes_up": adapter_bytes(result.adapter),
+                }
+            )
         return updates, weights, records, failures
 
     def round(self, state: ServerState, round_: int, progress: Progress | None) -> ServerState:
@@ -201,8 +214,6 @@ class Simulation:
 
 def _ranks_by_kind(ranks) -> dict[str, int]:
     """Per-module ranks folded to one per module kind (they agree within a kind by construction)."""
-    from flexfed.lora import module_kind
-
     return {module_kind(m): r for m, r in sorted(ranks.items())}
 
 
