@@ -7,6 +7,21 @@ import pytest
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """One intra-op thread for the tiny model, all cores for the real one.
+
+    The tiny model's matrices are too small to split; with several threads, and another process
+    busy on the same two cores, OpenMP's spinning made each tiny matmul ~10x slower.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads((os.cpu_count() or 1) if request.node.get_closest_marker("real_model") else 1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from flexfed.models import load_tokenizer

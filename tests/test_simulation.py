@@ -72,10 +72,10 @@ def test_a_failing_client_is_left_out_and_never_reaches_the_global_model(tiny_co
     sampled = sim.server.sample(1)
     poisoned, crashing = (sim.federation.clients[i].client_id for i in sampled[:2])
 
-    def train(client_id, start, examples, seed):
+    def train(client_id, *args):
         if client_id == crashing:
             raise RuntimeError("out of memory")
-        result = real_train(client_id, start, examples, seed)
+        result = real_train(client_id, *args)
         if client_id == poisoned:
             first = next(iter(result.adapter))
             result.adapter[first].b[0, 0] = float("nan")
@@ -90,3 +90,46 @@ def test_a_failing_client_is_left_out_and_never_reaches_the_global_model(tiny_co
     assert record["clients_reported"] == len(sampled) - 2
     state = load_checkpoint(config.run_dir)
     assert all(torch.isfinite(f.b).all() for f in state.global_adapter.values())
+
+
+@pytest.mark.parametrize(
+    "method, distribution",
+    [
+        ("fedit", "homogeneous"),
+        ("lora-fair", "homogeneous"),
+        ("ffa-lora", "homogeneous"),
+        ("hetlora", "heavy-tail-light"),
+        ("flexlora", "uniform"),
+        ("flexlora", "heavy-tail-strong"),
+        ("flexlora", "normal"),
+        ("hetlora", "homogeneous"),
+    ],
+)
+def test_every_method_runs_in_the_simulator(tiny_config, method, distribution):
+    config = tiny_config(
+        f"name={method}-{distribution}",
+        f"federation.method={method}",
+        f"resources.distribution={distribution}",
+        "federation.rounds=1",
+        "lora.target_modules=[q_proj,v_proj,up_proj]",
+        "eval.unseen_examples=2",
+        "eval.seen_examples=2",
+    )
+    sim = Simulation(config)
+    sim.run(show_progress=False)
+    record = _metrics(config.run_dir)[1]
+    assert record["clients_reported"] == record["clients_sampled"] > 0
+    ranks = {c["ranks"]["q_proj"] for c in record["clients"]}
+    state = load_checkpoint(config.run_dir)
+    for name, f in state.global_adapter.items():
+        assert f.rank == sim.server.max_ranks[name]  # the global keeps what the largest client needs
+    if distribution == "homogeneous":
+        assert ranks == {4}
+    if method == "ffa-lora":  # A never leaves its shared initial value
+        first = sim.server.initial_state().global_adapter
+        assert all(torch.equal(state.global_adapter[n].a, first[n].a) for n in first)
+
+
+def test_methods_that_need_one_rank_refuse_mixed_resources(tiny_config):
+    with pytest.raises(ValueError, match="needs one common rank"):
+        Simulation(tiny_config("federation.method=fedit", "resources.distribution=uniform"))

@@ -119,12 +119,17 @@ class LocalTrainer:
             self._slots[key] = name
         return self._slots[key]
 
-    def activate(self, start: Adapter) -> str:
+    def activate(self, start: Adapter, trainable: Sequence[str] = ("a", "b")) -> str:
+        """Load ``start`` into its slot; only the ``trainable`` factors ("a", "b") get gradients."""
         name = self._slot({n: f.rank for n, f in start.items()})
         self.peft_model.set_adapter(name)
         set_adapter(self.peft_model, start, adapter_name=name)
+        unknown = set(trainable) - {"a", "b"}
+        if unknown:
+            raise ValueError(f"the LoRA trainer trains factors 'a' and 'b', not {sorted(unknown)}")
+        wanted = tuple(f"lora_{x.upper()}.{name}." for x in trainable)
         for pname, p in self.peft_model.named_parameters():
-            p.requires_grad_(f".{name}." in pname and "lora_" in pname)
+            p.requires_grad_(any(w in pname for w in wanted))
         return name
 
     def _optimizer(self, params):
@@ -139,12 +144,14 @@ class LocalTrainer:
             return t.local_steps
         return max(1, math.ceil(t.local_epochs * math.ceil(num_examples / t.batch_size)))
 
-    def train(self, client_id: str, start: Adapter, examples: Sequence[EncodedExample], seed: int) -> ClientResult:
+    def train(
+        self, client_id: str, start: Adapter, examples: Sequence[EncodedExample], seed: int, trainable: Sequence[str] = ("a", "b")
+    ) -> ClientResult:
         """Train from ``start`` on ``examples``; deterministic for a given ``seed``."""
         if not examples:
             raise ValueError(f"client {client_id}: no training examples")
         began = time.perf_counter()
-        name = self.activate(start)
+        name = self.activate(start, trainable)
         model = self.peft_model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)

@@ -62,6 +62,13 @@ class Server:
         self.client_ids = list(client_ids)
         self.max_ranks = max_ranks(self.profiles)
         self.aggregator = get_aggregator(config.federation.method, **config.federation.method_options)
+        method = config.federation.method
+        if not self.aggregator.mixed_ranks and len({tuple(sorted(p.ranks.items())) for p in self.profiles}) > 1:
+            raise ValueError(f"federation.method {method!r} needs one common rank; resources.distribution={config.resources.distribution!r} mixes ranks")
+        if self.aggregator.merges_into_base or set(self.aggregator.trainable) - {"a", "b"}:
+            # FLoRA rewrites the base weights each round; Fed-SB trains an r x r core: neither fits
+            # the LoRA trainer yet. Their aggregation math is available to `flexfed aggregate`.
+            raise ValueError(f"federation.method {method!r} is not supported by the simulator yet")
 
     def scale(self, rank: int) -> float:
         return lora_scale(rank, self.config.lora.alpha, self.config.lora.rslora)

@@ -3,12 +3,24 @@
 An aggregator never touches files, models or the network. It sees client adapters
 (``module name -> Factors``) with their weights and returns the new global adapter; it then says
 what a client of given ranks starts the next round from.
+
+Three class attributes tell the server and the clients what a method changes about a round:
+
+- ``trainable``: which factors a client trains (``("a", "b")`` for plain LoRA, ``("b",)`` for
+  FFA-LoRA, ``("r",)`` for Fed-SB's r x r core); the others stay frozen at what ``distribute``
+  handed out.
+- ``merges_into_base``: the global update is merged into the frozen base weights each round and
+  clients restart a fresh LoRA (FLoRA); otherwise the base never changes and the global adapter
+  is the cumulative update (FedIT, FlexLoRA, ...).
+- ``mixed_ranks``: clients may train at different ranks. Methods that average factors position
+  by position (FedIT, FFA-LoRA, Fed-SB, LoRA-FAIR) need one common rank; their ``aggregate``
+  refuses mixed ranks and their ``distribute`` refuses any other rank.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Mapping, Sequence
+from typing import Callable, ClassVar, Literal, Mapping, Sequence
 
 import torch
 
@@ -30,16 +42,75 @@ def normalized_weights(weights: Sequence[float]) -> list[float]:
 
 
 def check_same_modules(updates: Sequence[Mapping[str, Factors]]) -> list[str]:
+    """The module names every update adapts; every module must have one shape and finite values."""
+    if len(updates) == 0:
+        raise ValueError("no client updates to aggregate")
     names = sorted(updates[0])
     for i, u in enumerate(updates[1:], start=1):
         if sorted(u) != names:
             diff = sorted(set(names) ^ set(u))
             raise ValueError(f"client update {i} adapts different modules than update 0: {diff[:3]}")
+    for name in names:
+        shape = updates[0][name].shape
+        for i, u in enumerate(updates):
+            f = u[name]
+            if f.shape != shape:
+                raise ValueError(f"{name}: client update {i} has shape {f.shape}, update 0 has {shape}")
+            if not (torch.isfinite(f.a).all() and torch.isfinite(f.b).all()):
+                raise ValueError(f"{name}: client update {i} contains NaN or infinite values")
     return names
 
 
+def validate(updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> tuple[list[str], list[float]]:
+    """Checks every aggregator runs first: one weight per update, same modules and shapes.
+
+    Returns the module names and the normalized weights p_i.
+    """
+    if len(weights) != len(updates):
+        raise ValueError(f"got {len(updates)} client updates but {len(weights)} weights")
+    p = normalized_weights(weights)
+    return check_same_modules(updates), p
+
+
+def require_common_rank(factors: Sequence[Factors], method: str) -> int:
+    """The one rank all clients share; methods that average factors position by position need it."""
+    ranks = sorted({f.rank for f in factors})
+    if len(ranks) != 1:
+        raise ValueError(f"{method} needs every client at the same rank, got ranks {ranks}; use flexlora or hetlora")
+    return ranks[0]
+
+
+def average_with_frozen(
+    factors: Sequence[Factors], p: Sequence[float], frozen: Literal["a", "b"], method: str
+) -> Factors:
+    """Average the trained factor of clients that share the frozen one bit for bit.
+
+    With the frozen factor F common to all clients, sum_i p_i s B_i F = s (sum_i p_i B_i) F (and
+    likewise with A trained), so averaging the trained factor alone is the exact average of the
+    updates. That only holds if F really is common, hence the check.
+    """
+    require_common_rank(factors, method)
+    first = factors[0]
+    for i, f in enumerate(factors[1:], start=1):
+        if not torch.equal(getattr(f, frozen), getattr(first, frozen)):
+            raise ValueError(
+                f"{method}: client update {i} has a different frozen {frozen.upper()} than update 0; "
+                f"every client must start from the same {frozen.upper()} (shared seed or broadcast)"
+            )
+        if f.scale != first.scale:
+            raise ValueError(f"{method}: client update {i} has scale {f.scale}, update 0 has {first.scale}")
+    trained = "b" if frozen == "a" else "a"
+    mean = sum(pi * getattr(f, trained).double() for pi, f in zip(p, factors))
+    parts = {frozen: getattr(first, frozen).clone(), trained: mean.to(getattr(first, trained).dtype)}
+    return Factors(**parts, scale=first.scale)
+
+
 def truncate(f: Factors, rank: int, scale: float) -> Factors:
-    """The first ``rank`` components of ``f``, re-expressed at scale ``scale`` (same update)."""
+    """The first ``rank`` components of ``f``, re-expressed at scale ``scale`` (same update).
+
+    The ratio of the two scales goes into B, so ``scale * b @ a`` of the kept components is
+    unchanged: a client at rank r with s(r) = alpha/r sees exactly the global's first r components.
+    """
     if rank > f.rank:
         raise ValueError(f"cannot give rank {rank} from a global adapter of rank {f.rank}")
     ratio = f.scale / scale
@@ -51,6 +122,9 @@ class Aggregator(ABC):
 
     name: ClassVar[str]
     registry: ClassVar[dict[str, type["Aggregator"]]] = {}
+    trainable: ClassVar[tuple[str, ...]] = ("a", "b")
+    merges_into_base: ClassVar[bool] = False
+    mixed_ranks: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -73,6 +147,12 @@ class Aggregator(ABC):
 
     def distribute(self, global_adapter: Mapping[str, Factors], ranks: Mapping[str, int], scale: Scale) -> Adapter:
         """The adapter a client with ``ranks`` (module name -> rank) starts its round from."""
+        if not self.mixed_ranks:
+            for name, f in global_adapter.items():
+                if ranks[name] != f.rank:
+                    raise ValueError(
+                        f"{self.name} serves its one common rank {f.rank}; {name} asked for rank {ranks[name]}"
+                    )
         return {name: truncate(f, ranks[name], scale(ranks[name])) for name, f in global_adapter.items()}
 
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
-import torch
-
-from flexfed.aggregation.base import Aggregator, Scale, check_same_modules, normalized_weights
+from flexfed.aggregation.base import Aggregator, require_common_rank, validate
 from flexfed.lora import Adapter, Factors
 
 
 def fedit_average(factors: Sequence[Factors], p: Sequence[float]) -> Factors:
     """B = sum p_i B_i, A = sum p_i A_i (not the average of the products: that is the point)."""
-    ranks = {f.rank for f in factors}
-    if len(ranks) != 1:
-        raise ValueError(f"fedit needs every client at the same rank, got ranks {sorted(ranks)}; use flexlora or hetlora")
+    require_common_rank(factors, "fedit")
     b = sum(pi * f.b.double() for pi, f in zip(p, factors))
     a = sum(pi * f.a.double() for pi, f in zip(p, factors))
     first = factors[0]
@@ -23,7 +19,8 @@ def fedit_average(factors: Sequence[Factors], p: Sequence[float]) -> Factors:
 
 class FedIT(Aggregator):
     name = "fedit"
+    mixed_ranks = False
 
     def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
-        p = normalized_weights(weights)
-        return {n: fedit_average([u[n] for u in updates], p) for n in check_same_modules(updates)}
+        names, p = validate(updates, weights)
+        return {n: fedit_average([u[n] for u in updates], p) for n in names}

@@ -80,7 +80,8 @@ class Simulation:
             shard = self.federation.clients[c]
             try:
                 examples = client_examples(self.config, self.tokenizer, self.federation, shard)
-                outcomes[c] = self.trainer.train(shard.client_id, start, examples, self.server.client_seed(round_, c))
+                seed = self.server.client_seed(round_, c)
+                outcomes[c] = self.trainer.train(shard.client_id, start, examples, seed, self.server.aggregator.trainable)
             except (FloatingPointError, ValueError, RuntimeError) as err:
                 outcomes[c] = err
             if progress:

@@ -1,0 +1,42 @@
+"""FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313): freeze A, train and average only B.
+
+Every client draws the same A from a shared seed (``shared_a``) and never updates it, so the
+average of the B's is the exact average of the updates: sum_i p_i s B_i A = s (sum_i p_i B_i) A.
+It also halves the traffic (r d numbers per matrix each way) and keeps the aggregate linear in
+what clients send, which is what differential-privacy noise and secure aggregation need. The
+aggregator checks that the A's really are identical and refuses otherwise, since a differing A
+would silently turn the exact average into FedIT's approximation.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import Tensor
+
+from flexfed.aggregation.base import Aggregator, average_with_frozen, validate
+from flexfed.lora import Adapter
+
+
+def shared_a(seed: int, name: str, rank: int, d_in: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The frozen A of module ``name``: PEFT's init, U(-1/sqrt(d_in), 1/sqrt(d_in)), from a shared seed.
+
+    PEFT's kaiming_uniform_(a=sqrt(5)) has exactly this bound. The generator is seeded from the
+    run seed and the module name (crc32, stable across processes and Python versions), so every
+    client, in any process, draws the same A for the same module.
+    """
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    bound = 1.0 / math.sqrt(d_in)
+    return ((torch.rand(rank, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
+
+
+class FFALoRA(Aggregator):
+    name = "ffa-lora"
+    mixed_ranks = False
+    trainable = ("b",)
+
+    def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
+        names, p = validate(updates, weights)
+        return {n: average_with_frozen([u[n] for u in updates], p, frozen="a", method=self.name) for n in names}

@@ -1,0 +1,445 @@
+"""The aggregation methods' math: exactness, per-client scales, invariances and error paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flexfed.aggregation import Aggregator, get_aggregator
+from flexfed.aggregation.fed_sb import sb_core, sb_factors, sb_frames
+from flexfed.aggregation.ffa_lora import shared_a
+from flexfed.aggregation.flexlora import flexlora_triplets, split_factors
+from flexfed.aggregation.flora import merge_into_base, merged_delta
+from flexfed.aggregation.fedit import fedit_average
+from flexfed.lora import Factors, lora_scale
+
+ALPHA = 16.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The matrices here are tiny; when other processes share the CPU, OpenMP's spinning worker
+    # threads make small LAPACK calls 10-50x slower than running on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SHAPES = {
+    "layers.0.q_proj": (24, 24),
+    "layers.1.q_proj": (24, 24),
+    "layers.0.up_proj": (40, 24),
+    "layers.0.down_proj": (24, 40),
+}
+
+
+def scale_fn(alpha: float = ALPHA, rslora: bool = False):
+    return lambda r: lora_scale(r, alpha, rslora)
+
+
+def client(
+    ranks: int | dict[str, int], seed: int, alpha: float = ALPHA, rslora: bool = False, shapes=SHAPES
+) -> dict[str, Factors]:
+    """A random float64 client adapter; ``ranks`` is one rank for all modules or per module."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (d, k) in shapes.items():
+        r = ranks if isinstance(ranks, int) else ranks[name]
+        out[name] = Factors(
+            b=torch.randn(d, r, generator=g, dtype=torch.float64),
+            a=torch.randn(r, k, generator=g, dtype=torch.float64) / math.sqrt(k),
+            scale=lora_scale(r, alpha, rslora),
+        )
+    return out
+
+
+def weighted_sum(updates, weights, name) -> torch.Tensor:
+    """The ground truth: sum_i p_i s_i B_i A_i, dense, float64."""
+    total = sum(weights)
+    return sum((w / total) * u[name].delta(torch.float64) for w, u in zip(weights, updates))
+
+
+def best_rank(m: torch.Tensor, r: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vh[:r]
+
+
+def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.linalg.norm(x - y) / torch.linalg.norm(y))
+
+
+def full_ranks(shapes=SHAPES) -> dict[str, int]:
+    return {n: min(d, k) for n, (d, k) in shapes.items()}
+
+
+# ----------------------------------------------------------------------------- FlexLoRA
+
+
+@pytest.mark.parametrize("svd", ["auto", "exact", "randomized", "dense"])
+def test_flexlora_at_full_rank_returns_the_exact_weighted_sum(svd):
+    updates = [client(2, 0), client(5, 1), client(9, 2)]
+    weights = [3.0, 1.0, 2.0]
+    agg = get_aggregator("flexlora", svd=svd)
+    out = agg.aggregate(updates, weights, full_ranks(), scale_fn())
+    for name in SHAPES:
+        assert out[name].rank == min(SHAPES[name])
+        assert rel(out[name].delta(torch.float64), weighted_sum(updates, weights, name)) < 1e-10
+
+
+@given(
+    ranks=st.lists(st.integers(1, 12), min_size=1, max_size=5),
+    weights=st.lists(st.floats(0.1, 10.0), min_size=5, max_size=5),
+    seed=st.integers(0, 10_000),
+    rslora=st.booleans(),
+)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fast_exact_path_matches_the_dense_svd_on_every_client_product(ranks, weights, seed, rslora):
+    """Every client's rank-r product from the factored path equals the dense SVD's (rel. 1e-5)."""
+    updates = [client(r, seed + i, rslora=rslora) for i, r in enumerate(ranks)]
+    weights = weights[: len(ranks)]
+    scale = scale_fn(rslora=rslora)
+    max_ranks = {n: max(ranks) for n in SHAPES}
+    agg = get_aggregator("flexlora", svd="exact")
+    global_adapter = agg.aggregate(updates, weights, max_ranks, scale)
+    total = sum(weights)
+    reference = flexlora_triplets(updates, [w / total for w in weights], max_ranks, method="dense", dtype=torch.float64)
+    for r in sorted(set(ranks)):
+        mine = agg.distribute(global_adapter, {n: r for n in SHAPES}, scale)
+        for name in SHAPES:
+            u, s, vh = reference[name]
+            expected = (u[:, :r] * s[:r]) @ vh[:r]
+            assert rel(mine[name].delta(torch.float64), expected) <= 1e-5
+            # and the dense path itself is the best rank-r approximation of the true sum
+            assert rel(expected, best_rank(weighted_sum(updates, weights, name), r)) <= 1e-8
+
+
+def test_flexlora_honours_each_clients_own_scale():
+    """alpha/r and alpha/sqrt(r) per client; one global scale would get the sum wrong."""
+    for rslora in (False, True):
+        updates = [client(2, 10, rslora=rslora), client(12, 11, rslora=rslora)]
+        out = get_aggregator("flexlora").aggregate(updates, [1, 1], full_ranks(), scale_fn(rslora=rslora))
+        for name in SHAPES:
+            truth = weighted_sum(updates, [1, 1], name)
+            assert rel(out[name].delta(torch.float64), truth) < 1e-10
+            # what a single global scale s(r_max) would have produced: visibly different
+            single = sum(0.5 * scale_fn(rslora=rslora)(12) * (u[name].b @ u[name].a) for u in updates)
+            assert rel(single, truth) > 0.1
+
+
+def test_flexlora_with_a_shared_a_and_equal_ranks_agrees_with_fedit():
+    shared = client(6, 99)
+    updates = []
+    for seed in (1, 2, 3):
+        own = client(6, seed)
+        updates.append({n: Factors(b=own[n].b, a=shared[n].a, scale=own[n].scale) for n in SHAPES})
+    weights = [1.0, 2.0, 5.0]
+    flex = get_aggregator("flexlora").aggregate(updates, weights, {n: 6 for n in SHAPES}, scale_fn())
+    fedit = get_aggregator("fedit").aggregate(updates, weights, {n: 6 for n in SHAPES}, scale_fn())
+    for name in SHAPES:
+        assert rel(flex[name].delta(torch.float64), fedit[name].delta(torch.float64)) < 1e-10
+
+
+def test_flexlora_serves_ranks_above_the_rank_of_the_update():
+    """Few low-rank clients, a rank-20 client registered: missing components are B = 0, A orthonormal."""
+    updates = [client(2, 0), client(3, 1)]
+    out = get_aggregator("flexlora").aggregate(updates, [1, 1], {n: 20 for n in SHAPES}, scale_fn())
+    for name in SHAPES:
+        f = out[name]
+        assert f.rank == 20
+        assert rel(f.delta(torch.float64), weighted_sum(updates, [1, 1], name)) < 1e-10
+        assert torch.allclose(f.a @ f.a.mT, torch.eye(20, dtype=f.a.dtype), atol=1e-10)
+        assert float(f.b[:, 5:].abs().max()) < 1e-10
+
+
+def test_flexlora_sqrt_split_gives_the_same_products_with_balanced_factors():
+    updates = [client(3, 0), client(8, 1)]
+    scale = scale_fn()
+    ref = get_aggregator("flexlora")
+    sqrt = get_aggregator("flexlora", split="sqrt")
+    g_ref = ref.aggregate(updates, [1, 2], {n: 8 for n in SHAPES}, scale)
+    g_sqrt = sqrt.aggregate(updates, [1, 2], {n: 8 for n in SHAPES}, scale)
+    for r in (3, 8):
+        a = ref.distribute(g_ref, {n: r for n in SHAPES}, scale)
+        b = sqrt.distribute(g_sqrt, {n: r for n in SHAPES}, scale)
+        for name in SHAPES:
+            assert b[name].scale == scale(r)
+            assert rel(b[name].delta(torch.float64), a[name].delta(torch.float64)) < 1e-10
+            # balanced: component j of sqrt(s) B and of sqrt(s) A have equal norms
+            assert torch.allclose(b[name].b.norm(dim=0), b[name].a.norm(dim=1), rtol=1e-8)
+
+
+def test_flexlora_memory_chunks_do_not_change_the_result():
+    updates = [client(4, 0), client(7, 1)]
+    p = [0.5, 0.5]
+    ranks = {n: 6 for n in SHAPES}
+    whole = flexlora_triplets(updates, p, ranks)
+    chunked = flexlora_triplets(updates, p, ranks, chunk_bytes=1)
+    for name in SHAPES:
+        for x, y in zip(whole[name], chunked[name]):
+            assert torch.allclose(x, y, atol=1e-12)
+
+
+def test_split_factors_rejects_unknown_split():
+    with pytest.raises(ValueError, match="split"):
+        split_factors((torch.eye(2), torch.ones(2), torch.eye(2)), 1.0, "cube-root")
+    with pytest.raises(ValueError, match="split"):
+        get_aggregator("flexlora", split="cube-root")
+    with pytest.raises(ValueError, match="SVD method"):
+        get_aggregator("flexlora", svd="magic")
+
+
+# ----------------------------------------------------------------------------- every method
+
+
+HOMOGENEOUS = ["fedit", "ffa-lora", "fed-sb", "lora-fair"]
+
+
+def test_every_method_is_registered():
+    assert set(Aggregator.registry) == {"fedit", "hetlora", "flexlora", "flora", "ffa-lora", "fed-sb", "lora-fair"}
+
+
+@pytest.mark.parametrize("method", sorted(Aggregator.registry))
+def test_with_one_client_every_method_returns_that_clients_update(method):
+    update = client(5, 7)
+    scale = scale_fn()
+    agg = get_aggregator(method)
+    global_adapter = agg.aggregate([update], [3.0], {n: 5 for n in SHAPES}, scale)
+    back = agg.distribute(global_adapter, {n: 5 for n in SHAPES}, scale)
+    for name in SHAPES:
+        assert rel(back[name].delta(torch.float64), update[name].delta(torch.float64)) < 1e-10
+
+
+@pytest.mark.parametrize("method", sorted(Aggregator.registry))
+def test_every_method_is_invariant_to_client_order(method):
+    if method in HOMOGENEOUS:
+        shared = client(4, 50)
+        updates = []
+        for seed in (1, 2, 3):
+            own = client(4, seed)
+            b = shared if method == "fed-sb" else own
+            a = shared if method == "ffa-lora" else own
+            updates.append({n: Factors(b=b[n].b, a=a[n].a, scale=own[n].scale) for n in SHAPES})
+    else:
+        updates = [client(r, seed) for seed, r in enumerate((3, 8, 5))]
+    weights = [1.0, 4.0, 2.0]
+    scale = scale_fn()
+    max_ranks = {n: 8 for n in SHAPES} if method not in HOMOGENEOUS else {n: 4 for n in SHAPES}
+    agg = get_aggregator(method)
+    forward = agg.aggregate(updates, weights, max_ranks, scale)
+    backward = agg.aggregate(updates[::-1], weights[::-1], max_ranks, scale)
+    for name in SHAPES:
+        assert rel(forward[name].delta(torch.float64), backward[name].delta(torch.float64)) < 1e-10
+        if method in ("flexlora", "hetlora", *HOMOGENEOUS):  # the factors themselves, not just the product
+            assert torch.allclose(forward[name].b, backward[name].b, atol=1e-9)
+            assert torch.allclose(forward[name].a, backward[name].a, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", HOMOGENEOUS)
+def test_homogeneous_methods_refuse_mixed_ranks(method):
+    with pytest.raises(ValueError, match="same rank"):
+        get_aggregator(method).aggregate([client(4, 0), client(8, 1)], [1, 1], {n: 8 for n in SHAPES}, scale_fn())
+    assert not get_aggregator(method).mixed_ranks
+
+
+@pytest.mark.parametrize("method", HOMOGENEOUS)
+def test_homogeneous_methods_refuse_to_serve_another_rank(method):
+    agg = get_aggregator(method)
+    g = agg.aggregate([client(4, 0)], [1], {n: 4 for n in SHAPES}, scale_fn())
+    with pytest.raises(ValueError, match="common rank 4"):
+        agg.distribute(g, {n: 2 for n in SHAPES}, scale_fn())
+
+
+def test_fedit_averages_factors_not_products():
+    updates = [client(3, 0), client(3, 1)]
+    f = fedit_average([u["layers.0.q_proj"] for u in updates], [0.5, 0.5])
+    assert torch.allclose(f.b, (updates[0]["layers.0.q_proj"].b + updates[1]["layers.0.q_proj"].b) / 2)
+    assert rel(f.delta(torch.float64), weighted_sum(updates, [1, 1], "layers.0.q_proj")) > 0.1
+
+
+# ----------------------------------------------------------------------------- HetLoRA
+
+
+def test_hetlora_zero_pads_with_each_clients_scale():
+    small, big = client(2, 0), client(6, 1)
+    scale = scale_fn()
+    agg = get_aggregator("hetlora")
+    g = agg.aggregate([small, big], [1, 1], {n: 6 for n in SHAPES}, scale)
+    for name in SHAPES:
+        f = g[name]
+        assert f.rank == 6 and f.scale == scale(6)
+        # a single low-rank client padded to rank 6 still has its own product
+        solo = agg.aggregate([small], [1], {n: 6 for n in SHAPES}, scale)[name]
+        assert rel(solo.delta(torch.float64), small[name].delta(torch.float64)) < 1e-12
+        # columns 2..5 of B come from the rank-6 client only, halved by the average
+        assert torch.allclose(f.b[:, 2:], 0.5 * big[name].b[:, 2:], atol=1e-12)
+    # the rank-2 client gets the first two components, at its own scale, same product
+    down = agg.distribute(g, {n: 2 for n in SHAPES}, scale)
+    for name in SHAPES:
+        assert down[name].scale == scale(2)
+        expected = g[name].scale * g[name].b[:, :2] @ g[name].a[:2]
+        assert torch.allclose(down[name].delta(torch.float64), expected, atol=1e-12)
+
+
+def test_hetlora_norm_weighting_favours_larger_updates():
+    quiet, loud = client(4, 0), client(4, 1)
+    loud = {n: Factors(b=10 * f.b, a=f.a, scale=f.scale) for n, f in loud.items()}
+    name = "layers.0.q_proj"
+    plain = get_aggregator("hetlora").aggregate([quiet, loud], [1, 1], {name: 4}, scale_fn())[name]
+    weighted = get_aggregator("hetlora", norm_weighted=True).aggregate([quiet, loud], [1, 1], {name: 4}, scale_fn())[
+        name
+    ]
+    # the loud client's norm is ~10x the quiet one's: its weight goes from 1/2 to ~10/11
+    norms = [u[name].delta(torch.float64).norm() for u in (quiet, loud)]
+    w = float(norms[1] / sum(norms))
+    assert torch.allclose(weighted.a, (1 - w) * quiet[name].a + w * loud[name].a, atol=1e-12)
+    assert not torch.allclose(plain.a, weighted.a)
+
+
+# ----------------------------------------------------------------------------- FLoRA
+
+
+def test_flora_stacking_is_the_exact_weighted_sum_and_merges_into_the_base():
+    updates = [client(2, 0, alpha=8), client(7, 1, alpha=32), client(4, 2, rslora=True)]
+    weights = [1.0, 0.0, 3.0]  # a zero-weight client is left out of the stack
+    agg = get_aggregator("flora")
+    assert agg.merges_into_base
+    g = agg.aggregate(updates, weights, {}, scale_fn())
+    base = {n: torch.randn(*shape, dtype=torch.float64) for n, shape in SHAPES.items()}
+    merged = merge_into_base(base, g)
+    deltas = merged_delta(g, dtype=torch.float64)
+    for name in SHAPES:
+        assert g[name].rank == 2 + 4 and g[name].scale == scale_fn()(6)
+        truth = weighted_sum(updates, weights, name)
+        assert rel(g[name].delta(torch.float64), truth) < 1e-12
+        assert rel(deltas[name], truth) < 1e-12
+        assert torch.allclose(merged[name], base[name] + truth, atol=1e-12)
+    assert agg.distribute(g, {n: 2 for n in SHAPES}, scale_fn()) == g
+    assert merged_delta(g, dense=False) == g
+
+
+def test_merge_into_base_checks_shapes():
+    g = get_aggregator("flora").aggregate([client(2, 0)], [1], {}, scale_fn())
+    with pytest.raises(ValueError, match="does not match"):
+        merge_into_base({n: torch.zeros(3, 3) for n in SHAPES}, g)
+    with pytest.raises(KeyError, match="no base weight"):
+        merge_into_base({}, g)
+
+
+# ----------------------------------------------------------------------------- FFA-LoRA, Fed-SB
+
+
+def test_ffa_lora_is_exact_with_a_shared_a_and_refuses_different_as():
+    agg = get_aggregator("ffa-lora")
+    assert agg.trainable == ("b",)
+    updates = []
+    for seed in (0, 1, 2):
+        own = client(4, seed)
+        updates.append(
+            {
+                n: Factors(b=own[n].b, a=shared_a(7, n, 4, SHAPES[n][1], torch.float64), scale=own[n].scale)
+                for n in SHAPES
+            }
+        )
+    g = agg.aggregate(updates, [1, 2, 3], {n: 4 for n in SHAPES}, scale_fn())
+    for name in SHAPES:
+        assert rel(g[name].delta(torch.float64), weighted_sum(updates, [1, 2, 3], name)) < 1e-12
+        assert torch.equal(g[name].a, updates[0][name].a)
+    with pytest.raises(ValueError, match="different frozen A"):
+        agg.aggregate([updates[0], client(4, 5)], [1, 1], {n: 4 for n in SHAPES}, scale_fn())
+
+
+def test_shared_a_is_deterministic_per_seed_and_module_with_peft_bounds():
+    a = shared_a(3, "layers.0.q_proj", 8, 100)
+    assert torch.equal(a, shared_a(3, "layers.0.q_proj", 8, 100))
+    assert not torch.equal(a, shared_a(3, "layers.1.q_proj", 8, 100))
+    assert not torch.equal(a, shared_a(4, "layers.0.q_proj", 8, 100))
+    assert float(a.abs().max()) <= 1 / math.sqrt(100)
+
+
+def test_fed_sb_averages_the_core_exactly():
+    agg = get_aggregator("fed-sb")
+    assert agg.trainable == ("r",)
+    name, (d, k), r = "layers.0.up_proj", SHAPES["layers.0.up_proj"], 4
+    b, a = sb_frames(torch.randn(d, k, dtype=torch.float64), r)
+    cores = [torch.randn(r, r, dtype=torch.float64) for _ in range(3)]
+    s = scale_fn()(r)
+    updates = [{name: sb_factors(b, c, a, s)} for c in cores]
+    weights = [2.0, 1.0, 1.0]
+    g = agg.aggregate(updates, weights, {name: r}, scale_fn())
+    assert rel(g[name].delta(torch.float64), weighted_sum(updates, weights, name)) < 1e-12
+    mean_core = sum(w * c for w, c in zip(weights, cores)) / sum(weights)
+    assert torch.allclose(sb_core(g[name], a), mean_core, atol=1e-10)
+    other = {name: sb_factors(b + 1, cores[0], a, s)}
+    with pytest.raises(ValueError, match="different frozen B"):
+        agg.aggregate([updates[0], other], [1, 1], {name: r}, scale_fn())
+    with pytest.raises(ValueError, match="does not fit"):
+        sb_factors(b, torch.eye(r + 1), a, s)
+
+
+# ----------------------------------------------------------------------------- LoRA-FAIR
+
+
+def test_lora_fair_is_the_least_squares_correction_of_b():
+    updates = [client(4, seed) for seed in range(3)]
+    weights = [1.0, 1.0, 2.0]
+    name = "layers.0.up_proj"
+    g = get_aggregator("lora-fair").aggregate(updates, weights, {n: 4 for n in SHAPES}, scale_fn())[name]
+    fedit = get_aggregator("fedit").aggregate(updates, weights, {n: 4 for n in SHAPES}, scale_fn())[name]
+    truth = weighted_sum(updates, weights, name)
+    assert torch.allclose(g.a, fedit.a)  # A is FedIT's average
+    # B' solves min ‖s B Ā − dW‖: compare with a dense least-squares solve
+    lstsq = torch.linalg.lstsq(g.a.mT, (truth / g.scale).mT).solution.mT
+    assert torch.allclose(g.b, lstsq, atol=1e-10)
+    assert torch.linalg.norm(g.delta(torch.float64) - truth) < torch.linalg.norm(fedit.delta(torch.float64) - truth)
+    # a ridge pulls B' towards FedIT's B̄
+    ridged = get_aggregator("lora-fair", ridge=1e3).aggregate(updates, weights, {n: 4 for n in SHAPES}, scale_fn())[
+        name
+    ]
+    assert torch.linalg.norm(ridged.b - fedit.b) < torch.linalg.norm(g.b - fedit.b)
+    with pytest.raises(ValueError, match="ridge"):
+        get_aggregator("lora-fair", ridge=-1)
+
+
+# ----------------------------------------------------------------------------- error paths
+
+
+@pytest.mark.parametrize("method", sorted(Aggregator.registry))
+def test_error_paths(method):
+    agg = get_aggregator(method)
+    scale = scale_fn()
+    ranks = {n: 4 for n in SHAPES}
+    u0, u1 = client(4, 0), client(4, 1)
+    missing = {n: f for n, f in u1.items() if n != "layers.1.q_proj"}
+    with pytest.raises(ValueError, match="different modules"):
+        agg.aggregate([u0, missing], [1, 1], ranks, scale)
+    reshaped = dict(u1, **{"layers.0.q_proj": client(4, 2, shapes={"layers.0.q_proj": (24, 40)})["layers.0.q_proj"]})
+    with pytest.raises(ValueError, match="shape"):
+        agg.aggregate([u0, reshaped], [1, 1], ranks, scale)
+    broken = dict(
+        u1,
+        **{"layers.0.q_proj": Factors(b=u1["layers.0.q_proj"].b * float("nan"), a=u1["layers.0.q_proj"].a, scale=1.0)},
+    )
+    with pytest.raises(ValueError, match="NaN"):
+        agg.aggregate([u0, broken], [1, 1], ranks, scale)
+    for bad, message in (
+        ([1, -1], "non-negative"),
+        ([0, 0], "sum to zero"),
+        ([1], "2 client updates but 1 weights"),
+        ([1, float("nan")], "non-negative"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            agg.aggregate([u0, u1], bad, ranks, scale)
+    with pytest.raises(ValueError, match="no client updates"):
+        agg.aggregate([], [], ranks, scale)
+
+
+def test_unknown_method_and_missing_max_ranks():
+    with pytest.raises(ValueError, match="unknown aggregation method 'fedavg'"):
+        get_aggregator("fedavg")
+    with pytest.raises(ValueError, match="max_ranks lacks"):
+        get_aggregator("flexlora").aggregate([client(2, 0)], [1], {}, scale_fn())
