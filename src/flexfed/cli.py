@@ -26,9 +26,12 @@ def _run(args) -> int:
         config = config.model_copy(update={"output_dir": str(run_dir.parent), "name": run_dir.name})
     else:
         config = load_config(args.config, args.set)
-    if args.engine != "simulation":
-        raise SystemExit(f"engine {args.engine!r} is not available yet; use --engine simulation")
-    run_dir = simulation.run(config, resume=bool(args.resume), overwrite=args.overwrite, show_progress=not args.quiet)
+    if args.engine == "flower-sim":
+        from flexfed.engines.flower import sim
+
+        run_dir = sim.run(config, resume=bool(args.resume), overwrite=args.overwrite, show_progress=not args.quiet)
+    else:
+        run_dir = simulation.run(config, resume=bool(args.resume), overwrite=args.overwrite, show_progress=not args.quiet)
     report_dir = write_report([run_dir])
     print_summary([run_dir])
     log.info("run directory: %s (report: %s)", run_dir, report_dir / "summary.md")
@@ -54,6 +57,115 @@ def _aggregate(args) -> int:
     for path in written:
         log.info("wrote %s", path)
     return 0
+
+
+def _flower_certs(args) -> int:
+    from flexfed.engines.flower.deploy import make_certs
+
+    paths = make_certs(args.dir, hosts=args.host, nodes=args.nodes, days=args.days)
+    for name in sorted(paths):
+        log.info("wrote %s", paths[name])
+    log.info("development certificates only: keep ca.key and supernode-*.key private")
+    return 0
+
+
+def _flower_app(args) -> int:
+    from flexfed.config import load_config
+    from flexfed.engines.flower.project import write_app
+
+    config = load_config(args.config, args.set)
+    out = write_app(args.dir, config, resume=args.resume, overwrite=args.overwrite)
+    log.info("Flower App for run %s written to %s; submit it with: flwr run %s <superlink connection> --stream", config.name, out, out)
+    return 0
+
+
+def _flower_superlink(args) -> int:
+    import os
+
+    from flexfed.engines.flower.deploy import flower_env, superlink_command
+
+    if args.insecure == bool(args.certs):
+        raise SystemExit("pass --certs DIR (TLS; see `flexfed flower certs`) or --insecure")
+    if args.insecure and not args.no_auth:
+        raise SystemExit("SuperNode authentication needs TLS: pass --certs DIR, or --insecure together with --no-auth")
+    cmd = superlink_command(args.port, args.host, None if args.insecure else args.certs, auth=not args.no_auth, database=args.database)
+    log.info("%s", " ".join(cmd))
+    os.execvpe(cmd[0], cmd, flower_env())
+    return 0  # not reached
+
+
+def _flower_supernode(args) -> int:
+    from flexfed.engines.flower.deploy import node_config_string, run_supernode
+
+    if bool(args.partition) == bool(args.clients) and not args.node_config:
+        raise SystemExit("give the clients this node hosts: --partition P/N or --clients ID,ID,...")
+    partition = None
+    if args.partition:
+        pid, _, num = args.partition.partition("/")
+        partition = (int(pid), int(num))
+    node_config = node_config_string(args.clients.split(",") if args.clients else None, partition)
+    node_config = " ".join(x for x in (node_config, args.node_config) if x)
+    if args.insecure == bool(args.root_certificates):
+        raise SystemExit("pass --root-certificates CA (TLS) or --insecure")
+    return run_supernode(args.superlink, node_config, port=args.port, root_certificates=args.root_certificates, auth_key=args.auth_key)
+
+
+def _flower_connect(args) -> int:
+    from flexfed.engines.flower.deploy import write_connection
+
+    if args.insecure == bool(args.root_certificates):
+        raise SystemExit("pass --root-certificates CA (TLS) or --insecure")
+    path = write_connection(args.name, args.address, args.root_certificates, default=args.default)
+    log.info("SuperLink connection %r written to %s", args.name, path)
+    return 0
+
+
+def _add_flower_parser(sub) -> None:
+    flower = sub.add_parser("flower", help="deploy on Flower: certificates, the Flower App, SuperLink and SuperNode")
+    fsub = flower.add_subparsers(dest="flower_command", required=True)
+
+    certs = fsub.add_parser("certs", help="development CA, SuperLink TLS certificate and SuperNode authentication keys")
+    certs.add_argument("dir")
+    certs.add_argument("--host", action="append", default=[], help="a name or IP address the SuperLink is reached at (repeat; localhost is always added)")
+    certs.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to write (default 3)")
+    certs.add_argument("--days", type=int, default=365)
+    certs.set_defaults(func=_flower_certs)
+
+    app = fsub.add_parser("app", help="write the Flower App (pyproject.toml with the resolved config) that `flwr run` submits")
+    app.add_argument("dir")
+    app.add_argument("--config", "-c", help="YAML config file, or the name of a packaged config")
+    app.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    app.add_argument("--resume", action="store_true", help="continue the run directory on the SuperLink's machine")
+    app.add_argument("--overwrite", action="store_true", help="replace the run directory on the SuperLink's machine")
+    app.set_defaults(func=_flower_app)
+
+    link = fsub.add_parser("superlink", help="start flower-superlink with TLS and SuperNode authentication")
+    link.add_argument("--certs", help="directory written by `flexfed flower certs`")
+    link.add_argument("--host", default="0.0.0.0")
+    link.add_argument("--port", type=int, default=9092)
+    link.add_argument("--database", help="SQLite file for the SuperLink's state (default: in memory)")
+    link.add_argument("--no-auth", action="store_true", help="accept any SuperNode (no authentication)")
+    link.add_argument("--insecure", action="store_true", help="no TLS (loopback experiments only)")
+    link.set_defaults(func=_flower_superlink)
+
+    node = fsub.add_parser("supernode", help="start a SuperNode with a trainer worker that keeps the model loaded")
+    node.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    node.add_argument("--partition", metavar="P/N", help="host every client whose index is P modulo N")
+    node.add_argument("--clients", metavar="ID,...", help="host exactly these client ids")
+    node.add_argument("--node-config", default="", help='more node config, e.g. \'data-path="/data/ni" device="cuda:0"\'')
+    node.add_argument("--root-certificates", help="the CA certificate (ca.crt) that signed the SuperLink's")
+    node.add_argument("--auth-key", help="this node's private authentication key (supernode-K.key)")
+    node.add_argument("--insecure", action="store_true", help="no TLS (loopback experiments only)")
+    node.add_argument("--port", type=int, default=9094, help="the SuperNode's local runtime API port")
+    node.set_defaults(func=_flower_supernode)
+
+    conn = fsub.add_parser("connect", help="add a SuperLink connection to Flower's config.toml for `flwr run`")
+    conn.add_argument("name")
+    conn.add_argument("address", help="HOST:PORT of the SuperLink")
+    conn.add_argument("--root-certificates", help="the CA certificate (ca.crt)")
+    conn.add_argument("--insecure", action="store_true")
+    conn.add_argument("--default", action="store_true", help="make it the default connection")
+    conn.set_defaults(func=_flower_connect)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--rank", required=True, help="output rank, or several comma-separated (OUT/rank-R each)")
     agg.add_argument("--out", required=True)
     agg.set_defaults(func=_aggregate)
+
+    _add_flower_parser(sub)
     return parser
 
 

@@ -112,6 +112,18 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1)
 
 
+class FlowerConfig(_Section):
+    """Flower engines only (``--engine flower-sim`` and deployment); the simulator ignores it."""
+
+    round_timeout: float = Field(600.0, gt=0)  # seconds a round waits for replies; late clients are left out
+    min_nodes: int = Field(1, ge=1)  # SuperNodes to wait for before the first round
+    node_wait_timeout: float = Field(300.0, gt=0)  # seconds to wait for them
+    node_concurrency: int = Field(1, ge=1)  # messages in flight per SuperNode (each trains in its own process)
+    num_supernodes: int | None = Field(None, ge=1)  # flower-sim: virtual SuperNodes (default: one per client)
+    client_cpus: float = Field(1.0, gt=0)  # flower-sim: Ray resources of one ClientApp
+    client_gpus: float = Field(0.0, ge=0)
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -124,6 +136,7 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,437 @@
+"""Deployment helpers: development certificates and keys, SuperLink/SuperNode commands, a local federation.
+
+The commands are plain ``flower-superlink`` / ``flower-supernode`` invocations (see
+docs/flower.md); these helpers only fill in the flags flexfed relies on: runtime dependency
+installation off, TLS on, SuperNode authentication on, telemetry off.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 9092
+
+
+# ----------------------------------------------------------------------------- certificates and keys
+
+
+def make_certs(directory: str | Path, hosts: list[str] | None = None, nodes: int = 3, days: int = 365) -> dict[str, Path]:
+    """Write a development CA, a SuperLink certificate for ``hosts`` and ``nodes`` SuperNode key pairs.
+
+    Files: ``ca.crt`` (give to SuperNodes and to ``flwr``), ``ca.key`` (keep private),
+    ``superlink.crt``/``superlink.key`` (the SuperLink's), ``supernode-K.key`` (SuperNode K's
+    private authentication key, OpenSSH EC P-384) and ``supernode-K.pub`` (its public key,
+    registered with ``flwr supernode register``). Not for production: the CA key sits beside
+    the certificates and nothing is password-protected.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hosts = list(dict.fromkeys([*(hosts or []), "localhost", "127.0.0.1", "::1"]))
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    until = now + dt.timedelta(days=days)
+
+    def pem_key(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flexfed development CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    names = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    out = {
+        "ca.crt": ca.public_bytes(serialization.Encoding.PEM),
+        "ca.key": pem_key(ca_key),
+        "superlink.crt": cert.public_bytes(serialization.Encoding.PEM),
+        "superlink.key": pem_key(key),
+    }
+    for k in range(1, nodes + 1):
+        node_key = ec.generate_private_key(ec.SECP384R1())
+        out[f"supernode-{k}.key"] = node_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+        out[f"supernode-{k}.pub"] = node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    paths = {}
+    for name, data in out.items():
+        path = directory / name
+        path.write_bytes(data)
+        if name.endswith(".key"):
+            path.chmod(0o600)
+        paths[name] = path
+    return paths
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def flower_env(flwr_home: str | Path | None = None, base: dict | None = None) -> dict[str, str]:
+    """Environment for Flower processes: this Python's scripts first on PATH, no telemetry."""
+    env = dict(os.environ if base is None else base)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # start app processes sooner (Flower's default: 1 s)
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def superlink_command(
+    port: int = DEFAULT_PORT,
+    host: str = "0.0.0.0",
+    certs: str | Path | None = None,
+    auth: bool = True,
+    database: str | Path | None = None,
+) -> list[str]:
+    """``flower-superlink`` with TLS from ``certs`` (or ``--insecure`` when None) and node authentication."""
+    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if certs is None:
+        if auth:
+            raise ValueError("SuperNode authentication needs TLS: give the certificates directory")
+        cmd.append("--insecure")
+    else:
+        certs = Path(certs)
+        cmd += ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "superlink.crt"), "--ssl-keyfile", str(certs / "superlink.key")]
+    if auth:
+        cmd.append("--enable-supernode-auth")
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd
+
+
+def node_config_string(clients: list[str] | None = None, partition: tuple[int, int] | None = None, extra: dict | None = None) -> str:
+    items: dict[str, object] = dict(extra or {})
+    if clients:
+        items["clients"] = ",".join(clients)
+    if partition is not None:
+        items["partition-id"], items["num-partitions"] = partition
+    parts = []
+    for k, v in items.items():
+        parts.append(f"{k}={v}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f'{k}="{v}"')
+    return " ".join(parts)
+
+
+def supernode_command(
+    superlink: str,
+    node_config: str,
+    port: int = 9094,
+    root_certificates: str | Path | None = None,
+    auth_key: str | Path | None = None,
+) -> list[str]:
+    """``flower-supernode`` connecting to ``superlink`` (TLS when ``root_certificates`` is given)."""
+    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    if root_certificates is None:
+        if auth_key is not None:
+            raise ValueError("SuperNode authentication needs TLS: give the CA certificate")
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    return cmd
+
+
+def write_connection(name: str, address: str, root_certificates: str | Path | None = None, flwr_home: str | Path | None = None, default: bool = False) -> Path:
+    """Add (or replace) ``[superlink.NAME]`` in Flower's ``config.toml`` so ``flwr run . NAME`` reaches it."""
+    import tomli
+    import tomli_w
+
+    home = Path(flwr_home) if flwr_home else Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    path = home / "config.toml"
+    data = tomli.loads(path.read_text()) if path.exists() else {}
+    links = data.setdefault("superlink", {})
+    entry: dict[str, object] = {"address": address}
+    if root_certificates is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
+    links[name] = entry
+    if default or "default" not in links:
+        links["default"] = name
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+# ----------------------------------------------------------------------------- a local federation (tests, trying it out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before port {port} opened")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+@dataclass
+class LocalProcess:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the process's whole group (it leads its own session): Flower's children go too."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill(signal.SIGKILL)  # stragglers of the group (superexec, app processes)
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and SuperNodes as separate processes on loopback, under one ``FLWR_HOME``.
+
+    Every process leads its own process group; ``stop()`` ends the groups it started, by id.
+    """
+
+    home: Path
+    certs: Path | None = None
+    auth: bool = False
+    port: int = 0
+    threads: int | None = 1  # intra-op threads per process: several nodes share this machine's cores
+    processes: list[LocalProcess] = field(default_factory=list)
+    connection: str = "local-test"
+
+    def __post_init__(self):
+        self.home = Path(self.home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.env = flower_env(self.home / "flwr")
+        if self.threads:
+            self.env["OMP_NUM_THREADS"] = self.env["MKL_NUM_THREADS"] = str(self.threads)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, cmd: list[str]) -> LocalProcess:
+        log = self.home / f"{name}.log"
+        with open(log, "ab") as fh:
+            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.home, start_new_session=True)
+        proc = LocalProcess(name, popen, log)
+        self.processes.append(proc)
+        return proc
+
+    def start_superlink(self, timeout: float = 60.0) -> LocalProcess:
+        cmd = superlink_command(self.port, "127.0.0.1", self.certs, auth=self.auth, database=self.home / "superlink.db")
+        proc = self._spawn("superlink", cmd)
+        wait_for_port(self.port, timeout, proc.popen)
+        write_connection(self.connection, self.address, self.certs / "ca.crt" if self.certs else None, flwr_home=self.home / "flwr", default=True)
+        return proc
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout)
+
+    def register(self, *public_keys: str | Path, timeout: float = 120.0) -> None:
+        """``flwr supernode register KEY CONNECTION`` for each key (concurrently)."""
+        procs = [
+            subprocess.Popen(
+                [_bin("flwr"), "supernode", "register", str(k), self.connection, "--format", "json"],
+                env=self.env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for k in public_keys
+        ]
+        failures = []
+        for key, proc in zip(public_keys, procs):
+            out, _ = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                failures.append(f"{key}: {out}")
+        if failures:
+            raise RuntimeError("flwr supernode register failed:\n" + "\n".join(failures))
+
+    def start_supernode(self, name: str, node_config: str, auth_key: str | Path | None = None, worker: bool = True) -> LocalProcess:
+        """A SuperNode; with ``worker`` (the default) through ``flexfed flower supernode``, which keeps a trainer loaded."""
+        ca = self.certs / "ca.crt" if self.certs else None
+        port = free_port()
+        if worker:
+            cmd = [sys.executable, "-m", "flexfed.cli", "flower", "supernode", "--superlink", self.address, "--node-config", node_config, "--port", str(port)]
+            cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+            if auth_key is not None:
+                cmd += ["--auth-key", str(auth_key)]
+        else:
+            cmd = supernode_command(self.address, node_config, port=port, root_certificates=ca, auth_key=auth_key)
+        return self._spawn(name, cmd)
+
+    def wait_for_log(self, proc: LocalProcess, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in proc.log.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{proc.name} did not log {text!r} within {timeout:.0f} s")
+
+    def submit(self, app_dir: str | Path, *run_config: str) -> int:
+        """``flwr run APP CONNECTION``; returns the run id."""
+        import json
+
+        args = ["run", str(app_dir), self.connection, "--format", "json"]
+        for rc in run_config:
+            args += ["--run-config", rc]
+        res = self.flwr(*args)
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr run failed ({res.returncode}): {res.stdout}\n{res.stderr}")
+        return int(json.loads(res.stdout[res.stdout.index("{") :])["run-id"])
+
+    def run_status(self, run_id: int) -> dict:
+        import json
+
+        res = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr ls failed: {res.stdout}\n{res.stderr}")
+        runs = json.loads(res.stdout[res.stdout.index("{") :])["runs"]
+        return runs[0]
+
+    def wait_for_run(self, run_id: int, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.run_status(run_id)
+            if str(status["status"]).startswith("finished"):
+                return status
+            time.sleep(1.0)
+        raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f} s")
+
+    def logs(self, run_id: int) -> str:
+        res = self.flwr("log", str(run_id), self.connection, "--show")
+        return res.stdout + res.stderr
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM every process group started here, wait up to ``timeout``, then SIGKILL the groups."""
+        for proc in self.processes:
+            if proc.alive():
+                proc.kill(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.processes:
+            try:
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.processes:
+            proc.stop(timeout=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# ----------------------------------------------------------------------------- flexfed flower supernode
+
+
+def run_supernode(superlink: str, node_config: str, port: int = 9094, root_certificates: str | Path | None = None, auth_key: str | Path | None = None) -> int:
+    """Run a node's trainer worker and ``flower-supernode`` (as a child) until either ends.
+
+    The worker keeps the model loaded across messages; the SuperNode's ClientApp processes
+    reach it through ``trainer-socket`` in the node config. SIGTERM/SIGINT stop both.
+    """
+    import logging
+    import threading
+
+    from flexfed.engines.flower.worker import Worker
+
+    log = logging.getLogger(__name__)
+    worker = Worker()
+    worker.warm_up()
+    server = threading.Thread(target=worker.serve_forever, daemon=True)
+    server.start()
+    full_config = f'{node_config} trainer-socket="{worker.path}"'.strip()
+    cmd = supernode_command(superlink, full_config, port=port, root_certificates=root_certificates, auth_key=auth_key)
+    child = subprocess.Popen(cmd, env=flower_env())
+    log.info("SuperNode %d started; trainer worker on %s", child.pid, worker.path)
+
+    def forward(signum, _frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if child.poll() is None:
+            child.kill()
+        worker.close()
+    return code

@@ -1,0 +1,341 @@
+"""The Flower ServerApp: flexfed's round, with clients trained on SuperNodes.
+
+``FlowerEngine`` is the in-process ``Simulation`` with one method replaced: ``execute`` sends
+one Message per sampled client (that client's own rank-r factors as an ``ArrayRecord``) to
+the SuperNode hosting it and collects the replies until the round's deadline. Sampling, start
+adapters, update checks, aggregation, evaluation, metrics, adapters and checkpoints are the
+simulator's, so both engines write the same run directory from the same config.
+
+A client whose node does not answer in time, crashed, disconnected or replied with something
+that is not a well-formed adapter is left out of the round (logged with the client and node
+ids). Every decoded update still goes through ``Server.check_update`` before aggregation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from flexfed import config as config_lib
+from flexfed.client import ClientResult
+from flexfed.config import RunConfig
+from flexfed.engines.flower.clientapp import ADAPTER, CONFIG, RESULT
+from flexfed.engines.flower.wire import array_bytes, decode_adapter, encode_adapter, message_bytes
+from flexfed.engines.simulation import Simulation
+from flexfed.lora import Adapter
+from flexfed.server import UpdateRejected
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.25  # seconds between pulls for replies
+QUERY_TIMEOUT_S = 60.0  # at most this long for a node to say which clients it hosts
+
+
+class NodeFailure(RuntimeError):
+    """A client's node did not deliver its update (no node, error reply, deadline)."""
+
+
+class DeadlineMissed(NodeFailure):
+    """No reply before the deadline."""
+
+
+class Exchange:
+    """Messages in flight through the SuperLink, at most ``per_node`` per node (the rest queued).
+
+    ``items`` are ``(key, node id, make)``; ``make()`` builds the message when it is sent, so
+    queued messages hold no arrays. The deadline runs from construction, when the first
+    messages are pushed; ``wait`` returns ``{key: reply Message | Exception}`` for every item, a
+    ``NodeFailure`` for those not answered (or not even sent) in time.
+    """
+
+    def __init__(self, grid: Grid, items: list[tuple], timeout: float, per_node: int | None = None):
+        self.grid = grid
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.limit = per_node or max(1, len(items))
+        self.queues: dict[int, deque] = {}
+        for key, node, make in items:
+            self.queues.setdefault(node, deque()).append((key, make))
+        self.inflight: dict[str, tuple] = {}  # message id -> (key, node)
+        self.out: dict = {}
+        for node in self.queues:
+            self._dispatch(node)
+
+    def _dispatch(self, node: int) -> None:
+        queue = self.queues[node]
+        while queue and sum(1 for _, n in self.inflight.values() if n == node) < self.limit:
+            key, make = queue.popleft()
+            try:
+                (mid,) = self.grid.push_messages([make()])
+            except Exception as err:  # noqa: BLE001 - a failed push only fails that message
+                mid, reason = None, f"{type(err).__name__}: {err}"
+            else:
+                reason = "the SuperLink refused the message"
+            if not mid:
+                self.out[key] = NodeFailure(f"node {node}: {reason}")
+                continue
+            self.inflight[mid] = (key, node)
+
+    def wait(self, on_reply=None) -> dict:
+        first = True  # replies that arrived before ``wait`` was called always count
+        while self.inflight and (first or time.monotonic() < self.deadline):
+            first = False
+            for reply in self.grid.pull_messages(list(self.inflight)):
+                entry = self.inflight.pop(reply.metadata.reply_to_message_id, None)
+                if entry is None:
+                    continue
+                key, node = entry
+                if reply.has_error():
+                    self.out[key] = NodeFailure(f"node {node}: error {reply.error.code}: {reply.error.reason}")
+                else:
+                    self.out[key] = reply
+                if on_reply:
+                    on_reply(key)
+                self._dispatch(node)
+            if self.inflight:
+                time.sleep(POLL_S)
+        for key, node in self.inflight.values():
+            self.out[key] = DeadlineMissed(f"node {node}: no reply within the {self.timeout:.0f} s deadline")
+        for node, queue in self.queues.items():
+            for key, _ in queue:
+                self.out[key] = DeadlineMissed(f"node {node}: not reached before the {self.timeout:.0f} s deadline (its earlier clients did not finish)")
+        self.inflight.clear()
+        return self.out
+
+
+class FlowerEngine(Simulation):
+    def __init__(self, config: RunConfig, grid: Grid):
+        super().__init__(config)
+        self.grid = grid
+        self.config_yaml = config_lib.dump(config)
+        self.host: dict[int, int] = {}  # client index -> node id
+        self.hosted_by: dict[int, list[int]] = {}  # node id -> client indices, in query order
+        self._wire: dict[str, dict] = {}  # client id -> wire byte counts of this round
+
+    # ------------------------------------------------------------------ nodes
+
+    def wait_for_nodes(self) -> list[int]:
+        f = self.config.flower
+        deadline = time.monotonic() + f.node_wait_timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= f.min_nodes:
+                return nodes
+            if time.monotonic() > deadline:
+                raise NodeFailure(f"{len(nodes)} SuperNodes connected within {f.node_wait_timeout:.0f} s; flower.min_nodes={f.min_nodes}")
+            time.sleep(POLL_S)
+
+    def begin_query(self) -> tuple[list[int], Exchange | None]:
+        """Send a query to every connected node not asked yet: which clients do you host?"""
+        connected = set(self.grid.get_node_ids())
+        new = sorted(connected - set(self.hosted_by))
+        if not new:
+            return new, None
+        all_ids = [c.client_id for c in self.federation.clients]
+        ttl = self.config.flower.round_timeout
+
+        def make(node: int) -> Message:
+            return Message(RecordDict({CONFIG: ConfigRecord({"clients": all_ids})}), dst_node_id=node, message_type="query", group_id="query", ttl=ttl)
+
+        items = [(n, n, lambda n=n: make(n)) for n in new]
+        return new, Exchange(self.grid, items, min(ttl, QUERY_TIMEOUT_S))
+
+    def end_query(self, pending: tuple[list[int], Exchange | None]) -> dict[int, int]:
+        """Record the answers and map each client to a connected node hosting it (the first to answer)."""
+        new, exchange = pending
+        replies = exchange.wait() if exchange else {}
+        index = {c.client_id: i for i, c in enumerate(self.federation.clients)}
+        for node in new:
+            reply = replies[node]
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                ids = [str(c) for c in reply.content.config_records[RESULT]["clients"]]
+            except DeadlineMissed as err:
+                log.warning("node %s did not answer the query in time (asked again before the next round): %s", node, err)
+                continue
+            except Exception as err:  # noqa: BLE001 - a node that cannot answer hosts nothing
+                log.warning("node %s left out: its query failed: %s", node, err)
+                self.hosted_by[node] = []
+                continue
+            unknown = [c for c in ids if c not in index]
+            if unknown:
+                log.warning("node %s names clients this federation does not have: %s", node, unknown[:5])
+            self.hosted_by[node] = [index[c] for c in ids if c in index]
+            log.debug("node %s hosts %d clients", node, len(self.hosted_by[node]))
+        connected = set(self.grid.get_node_ids())
+        host: dict[int, int] = {}
+        for node, clients in self.hosted_by.items():
+            if node in connected:
+                for c in clients:
+                    host.setdefault(c, node)
+        if new:
+            log.info("%d new SuperNodes queried; %d connected nodes host %d of %d clients", len(new), len(connected), len(host), len(self.federation.clients))
+        if len(host) < len(self.federation.clients) and (new or not self.host):
+            log.warning("%d of %d clients are hosted by no connected node; they fail when sampled", len(self.federation.clients) - len(host), len(self.federation.clients))
+        self.host = host
+        return host
+
+    def refresh_hosts(self) -> dict[int, int]:
+        """Query nodes that connected since the last query; called before every round, so late
+        SuperNodes (or ones that came back under a new id) take part from the next round on."""
+        return self.end_query(self.begin_query())
+
+    def start(self, resume: bool, overwrite: bool):
+        """Wait for the nodes and query them while the untouched model is evaluated (round 0)."""
+        self.wait_for_nodes()
+        pending = self.begin_query()
+        state = super().start(resume, overwrite)
+        if not self.end_query(pending) and all(n in self.hosted_by for n in self.grid.get_node_ids()):
+            raise NodeFailure("the connected SuperNodes host none of this federation's clients (check their node config)")
+        return state
+
+    # ------------------------------------------------------------------ messages
+
+    def _train_message(self, round_: int, c: int, start: Adapter) -> Message:
+        arrays, meta = encode_adapter(start)
+        task = {
+            "config": self.config_yaml,
+            "client": self.federation.clients[c].client_id,
+            "round": round_,
+            "seed": self.server.client_seed(round_, c),
+            "trainable": list(self.server.aggregator.trainable),
+            **meta,
+        }
+        message = Message(
+            RecordDict({ADAPTER: arrays, CONFIG: ConfigRecord(task)}),
+            dst_node_id=self.host[c],
+            message_type="train",
+            group_id=str(round_),
+            ttl=self.config.flower.round_timeout + 60,
+        )
+        self._wire[task["client"]]["wire_bytes_down"] = message_bytes(message)
+        return message
+
+    def _decode(self, c: int, reply: Message) -> ClientResult:
+        client_id = self.federation.clients[c].client_id
+        try:
+            stats = reply.content.config_records[RESULT]
+            if str(stats["client"]) != client_id:
+                raise UpdateRejected(f"reply is for client {stats['client']}, expected {client_id}")
+            adapter = decode_adapter(reply.content.array_records[ADAPTER], stats["modules"], stats["scales"], str(stats["dtype"]))
+            result = ClientResult(
+                client_id=client_id,
+                adapter=adapter,
+                num_examples=int(stats["num_examples"]),
+                loss=float(stats["loss"]),
+                tokens=int(stats["tokens"]),
+                seconds=float(stats["seconds"]),
+                losses=[float(x) for x in stats["losses"]],
+            )
+        except UpdateRejected:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise UpdateRejected(f"client {client_id}: malformed reply from node {self.host[c]}: {type(err).__name__}: {err}") from None
+        if result.num_examples <= 0:
+            raise UpdateRejected(f"client {client_id}: reports {result.num_examples} training examples")
+        self._wire[client_id]["wire_bytes_up"] = message_bytes(reply)
+        self._wire[client_id]["array_bytes_up"] = array_bytes(adapter)
+        return result
+
+    # ------------------------------------------------------------------ the engine hook
+
+    def execute(self, round_, starts, progress):
+        self.refresh_hosts()
+        outcomes: dict[int, ClientResult | Exception] = {}
+        order, items = [], []
+        for c, start in starts.items():
+            client_id = self.federation.clients[c].client_id
+            if c not in self.host:
+                outcomes[c] = NodeFailure(f"no connected SuperNode hosts client {client_id}")
+                continue
+            self._wire[client_id] = {"node": str(self.host[c]), "array_bytes_down": array_bytes(start)}
+            items.append((len(order), self.host[c], lambda c=c, start=start: self._train_message(round_, c, start)))
+            order.append(c)
+        task = progress.add_task(f"round {round_} clients", total=len(starts)) if progress else None
+        advance = (lambda _key: progress.advance(task)) if progress else None
+        exchange = Exchange(self.grid, items, self.config.flower.round_timeout, per_node=self.config.flower.node_concurrency)
+        replies = exchange.wait(on_reply=advance)
+        if progress:
+            progress.remove_task(task)
+        for i, c in enumerate(order):
+            reply = replies[i]
+            if isinstance(reply, Exception):
+                outcomes[c] = reply
+                continue
+            try:
+                outcomes[c] = self._decode(c, reply)
+            except UpdateRejected as err:
+                outcomes[c] = err
+        return outcomes
+
+    def train_round(self, state, round_, progress):
+        self._wire = {}
+        updates, weights, records, failures = super().train_round(state, round_, progress)
+        for r in records + failures:
+            r.update(self._wire.get(r["id"], {}))
+        return updates, weights, records, failures
+
+    def round(self, state, round_, progress):
+        state = super().round(state, round_, progress)
+        m = state.metrics[-1]
+        everyone = m["clients"] + m["clients_failed"]
+        m["wire_bytes_up"] = sum(r.get("wire_bytes_up", 0) for r in m["clients"])
+        m["wire_bytes_down"] = sum(r.get("wire_bytes_down", 0) for r in everyone)
+        return state
+
+
+def config_from_run_config(run_config) -> RunConfig:
+    """The flexfed config of a Flower run.
+
+    ``flexfed-config`` holds the config as YAML text (``flexfed flower app`` writes it there);
+    otherwise ``flexfed-config-file`` names a YAML file on the SuperLink's machine or a packaged
+    config. ``flexfed-set`` holds ``key=value`` overrides separated by ``;``.
+    """
+    import yaml
+
+    text = str(run_config.get("flexfed-config", "") or "")
+    overrides = [s.strip() for s in str(run_config.get("flexfed-set", "") or "").split(";") if s.strip()]
+    if text.strip():
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise config_lib.ConfigError(f"run config flexfed-config: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise config_lib.ConfigError("run config flexfed-config: expected a YAML mapping")
+        return config_lib.validate(config_lib.apply_overrides(raw, overrides), source="run config flexfed-config")
+    source = str(run_config.get("flexfed-config-file", "") or "")
+    if not source:
+        raise config_lib.ConfigError("the Flower run config sets neither flexfed-config nor flexfed-config-file")
+    return config_lib.load_config(source, overrides)
+
+
+def run_on_grid(grid: Grid, config: RunConfig, resume: bool = False, overwrite: bool = False, show_progress: bool = False) -> Path:
+    engine = FlowerEngine(config, grid)
+    return engine.run(resume=resume, overwrite=overwrite, show_progress=show_progress)
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flexfed").setLevel(logging.INFO)
+    for noisy in ("httpx", "urllib3", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    _setup_logging()
+    rc = context.run_config
+    config = config_from_run_config(rc)
+    run_dir = run_on_grid(grid, config, resume=bool(rc.get("resume", False)), overwrite=bool(rc.get("overwrite", False)))
+    log.info("run directory: %s", run_dir)
