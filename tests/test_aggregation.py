@@ -20,15 +20,6 @@ from flexfed.lora import Factors, lora_scale
 ALPHA = 16.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The matrices here are tiny; when other processes share the CPU, OpenMP's spinning worker
-    # threads make small LAPACK calls 10-50x slower than running on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 SHAPES = {
     "layers.0.q_proj": (24, 24),

@@ -16,15 +16,6 @@ from flexfed.aggregation.lowrank import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The matrices here are tiny; when other processes share the CPU, OpenMP's spinning worker
-    # threads make small LAPACK calls 10-50x slower than running on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def product(triplets, r):
     u, s, vh = triplets
