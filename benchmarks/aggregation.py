@@ -36,6 +36,7 @@ import ctypes
 import math
 import os
 import platform
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -244,7 +245,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-strong-b", action="store_true", help="skip the (b') heavy-tail-strong 7B scenario")
+    parser.add_argument("--only", choices=["a", "b", "b'"], action="append", help="run only these scenarios")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up when redirected to a file
     return_freed_memory_to_the_os()
 
     scenarios = [
@@ -253,6 +256,8 @@ def main(argv=None) -> None:
     ]
     if not args.no_strong_b:
         scenarios.append(Scenario("(b')", "7B-shaped", 4096, 11008, 32, 10, "heavy-tail-strong"))
+    if args.only:
+        scenarios = [s for s in scenarios if s.label.strip("()") in args.only]
 
     print(f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}")
     print(
@@ -301,8 +306,8 @@ def main(argv=None) -> None:
         "dense copy: float32 dW of every adapted matrix measured (the reference forms them chunk by chunk)."
     )
     print(f"load average at the end: {os.getloadavg()[0]:.2f} (other processes on the machine skew both timings)")
-    speedup = {r["scenario"].label: r["dense_s"] / r["fast_s"] for r in results}
-    print(f"aggregation speedup (a) {speedup['(a)']:.1f}, (b) {speedup['(b)']:.1f}")
+    speedup = {r["scenario"].label: f"{r['dense_s'] / r['fast_s']:.1f}" for r in results}
+    print(f"aggregation speedup (a) {speedup.get('(a)', 'not run')}, (b) {speedup.get('(b)', 'not run')}")
 
 
 if __name__ == "__main__":
