@@ -20,7 +20,6 @@ from flexfed.lora import Factors, lora_scale
 ALPHA = 16.0
 
 
-
 SHAPES = {
     "layers.0.q_proj": (24, 24),
     "layers.1.q_proj": (24, 24),
@@ -182,6 +181,8 @@ def test_split_factors_rejects_unknown_split():
         get_aggregator("flexlora", split="cube-root")
     with pytest.raises(ValueError, match="SVD method"):
         get_aggregator("flexlora", svd="magic")
+    with pytest.raises(ValueError, match="SVD method"):
+        flexlora_triplets([client(2, 0)], [1.0], {n: 2 for n in SHAPES}, method="qr")
 
 
 # ----------------------------------------------------------------------------- every method

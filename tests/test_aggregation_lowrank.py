@@ -12,9 +12,7 @@ from flexfed.aggregation.lowrank import (
     dense_top_singular,
     exact_top_singular,
     randomized_top_singular,
-    top_singular,
 )
-
 
 
 def product(triplets, r):
@@ -77,7 +75,7 @@ def test_randomized_path_in_float32_on_a_sum_of_many_client_updates():
     d, k, total_rank, rank = 96, 80, 400, 10
     b = torch.randn(1, d, total_rank, generator=g) * torch.rand(total_rank, generator=g)
     a = torch.randn(1, total_rank, k, generator=g)
-    got = top_singular(b, a, rank, "randomized")
+    got = randomized_top_singular(b @ a, rank)
     w = (b.double() @ a.double())[0]
     s = torch.linalg.svdvals(w)
     assert float(torch.linalg.norm(w - product(got, rank)[0])) <= 1.001 * float(s[rank:].square().sum().sqrt())
@@ -96,7 +94,7 @@ def test_exact_path_equals_the_dense_svd(d, k, ranks, rank):
     b = torch.randn(2, d, sum(ranks), generator=g, dtype=torch.float64)
     a = torch.randn(2, sum(ranks), k, generator=g, dtype=torch.float64)
     exact = exact_top_singular(b, a, rank)
-    dense = dense_top_singular(b, a, rank)
+    dense = dense_top_singular(b @ a, rank)
     available = min(rank, sum(ranks))
     for r in range(1, available + 1):
         assert (
@@ -119,11 +117,11 @@ def test_cost_model_regimes():
     assert choose_method(64, 64, 200, 8) in ("dense", "exact")
 
 
-def test_bad_rank_and_method():
+def test_bad_rank():
     b, a = torch.randn(1, 10, 3), torch.randn(1, 3, 8)
     with pytest.raises(ValueError, match="outside 1..min"):
-        top_singular(b, a, 9, "exact")
+        exact_top_singular(b, a, 9)
     with pytest.raises(ValueError, match="outside 1..min"):
-        top_singular(b, a, 0, "dense")
-    with pytest.raises(ValueError, match="unknown SVD method"):
-        top_singular(b, a, 2, "qr")
+        dense_top_singular(b @ a, 0)
+    with pytest.raises(ValueError, match="outside 1..min"):
+        randomized_top_singular(b @ a, 11)

@@ -14,7 +14,7 @@ change): its components are ordered by singular value, so ``distribute`` is plai
 
 Only the top r_max triplets are ever needed, so the dense d x k SVD is avoided: modules are
 grouped by shape and client ranks (e.g. every layer's q_proj), each group is processed in
-memory-bounded chunks with batched linear algebra, and ``lowrank.top_singular`` picks the exact
+memory-bounded chunks with batched linear algebra, and ``lowrank.choose_method`` picks the exact
 factored path, randomized subspace iteration or the dense SVD from a cost model.
 """
 
@@ -28,7 +28,14 @@ import torch
 from torch import Tensor
 
 from flexfed.aggregation.base import Aggregator, truncate, validate
-from flexfed.aggregation.lowrank import RTOL, Method, choose_method, top_singular
+from flexfed.aggregation.lowrank import (
+    RTOL,
+    Method,
+    choose_method,
+    dense_top_singular,
+    exact_top_singular,
+    randomized_top_singular,
+)
 from flexfed.lora import Adapter, Factors
 
 Split = Literal["reference", "sqrt"]
@@ -55,6 +62,20 @@ def stack_updates(
             a[m, columns] = f.a
             column += f.rank
     return b, a
+
+
+def sum_updates(factors: Sequence[Sequence[Factors]], p: Sequence[float], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Dense dW[m] = sum_i p_i s_i B_i A_i of L same-shaped modules (``factors[m][i]``), (L, d, k).
+
+    Accumulated client by client (one rank-r_i GEMM each): as fast as one GEMM on the stacked
+    factors and without their copy, which is 450 MB for 80 clients on a 5504 x 2048 matrix.
+    """
+    (d, k), device = factors[0][0].shape, factors[0][0].b.device
+    w = torch.zeros(len(factors), d, k, dtype=dtype, device=device)
+    for m, module in enumerate(factors):
+        for pi, f in zip(p, module):
+            w[m].addmm_(f.b.to(dtype), f.a.to(dtype), alpha=pi * f.scale)
+    return w
 
 
 def _fix_signs(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,18 +130,25 @@ def flexlora_triplets(
         chosen = choose_method(d, k, total_rank, rank) if method == "auto" else method
         if chosen == "exact":  # float64 copies of the stacked factors, Gram matrices, basis
             per_matrix = 8 * ((d + k) * total_rank + 3 * total_rank**2 + 2 * (d + k) * rank)
+            per_matrix += 4 * (d + k) * total_rank  # the stacked client factors themselves
         else:  # dW, the SVD's work space or the iteration's Gram matrix and blocks
             per_matrix = dtype.itemsize * 3 * d * k
-        per_matrix += 4 * (d + k) * total_rank  # the stacked client factors themselves
         chunk = max(1, chunk_bytes // per_matrix)
         for start in range(0, len(names), chunk):
             part = names[start : start + chunk]
-            b, a = stack_updates([[u[n] for u in clients] for n in part], weights, work)
-            u, s, vh = top_singular(b, a, rank, chosen, dtype=dtype, rtol=rtol)
+            factors = [[u[n] for u in clients] for n in part]
+            if chosen == "exact":
+                u, s, vh = exact_top_singular(*stack_updates(factors, weights, work), rank)
+            elif chosen == "randomized":
+                u, s, vh = randomized_top_singular(sum_updates(factors, weights, dtype), rank, rtol=rtol)
+            elif chosen == "dense":
+                u, s, vh = dense_top_singular(sum_updates(factors, weights, dtype), rank)
+            else:
+                raise ValueError(f"unknown SVD method {chosen!r}; choose from {get_args(Method)}")
             u, vh = _fix_signs(u, vh)
             for i, name in enumerate(part):
                 out[name] = (u[i], s[i], vh[i])
-            del b, a, u, s, vh
+            del u, s, vh
     return out
 
 

@@ -28,7 +28,7 @@ so that dW = B_s @ A_s with R = sum_i r_i. Three ways give the top ``rank`` trip
     The reference: form dW and take the full ``torch.linalg.svd``. Also the cheapest choice for
     tiny matrices.
 
-``choose_method`` picks one from a flop-count cost model; ``top_singular`` dispatches.
+``choose_method`` picks one from a flop-count cost model (``flexlora.flexlora_triplets`` applies it).
 """
 
 from __future__ import annotations
@@ -254,42 +254,11 @@ def randomized_top_singular(
     return q_y @ u_r[..., :rank], s[..., :rank], (vh_r @ v.mT)[..., :rank, :]
 
 
-def dense_top_singular(
-    b: Tensor, a: Tensor, rank: int, dtype: torch.dtype = torch.float64
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The reference: form dW = b @ a in ``dtype`` and take the full SVD."""
-    _check_rank(b.shape[-2], a.shape[-1], rank)
-    u, s, vh = torch.linalg.svd(b.to(dtype) @ a.to(dtype), full_matrices=False)
+def dense_top_singular(w: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference: the first ``rank`` triplets of the full SVD of dense ``w`` (L, d, k)."""
+    _check_rank(w.shape[-2], w.shape[-1], rank)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[..., :rank], s[..., :rank], vh[..., :rank, :]
-
-
-def top_singular(
-    b: Tensor,
-    a: Tensor,
-    rank: int,
-    method: Method = "auto",
-    *,
-    dtype: torch.dtype = torch.float32,
-    rtol: float = RTOL,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``rank`` triplets of b @ a by ``method`` (``auto``: ``choose_method``).
-
-    ``dtype`` is the precision dW is formed and iterated in on the randomized and dense paths.
-    float32 is the default: client factors are float32 (or coarser) to begin with, a float32 GEMM
-    is ~2x faster, and both paths are backward stable, so their error stays within a small multiple
-    of float32 round-off of ‖dW‖ (the randomized stopping rule is floored there). The exact path
-    always runs in float64.
-    """
-    if method == "auto":
-        method = choose_method(b.shape[-2], a.shape[-1], b.shape[-1], rank)
-    if method == "exact":
-        return exact_top_singular(b, a, rank, generator)
-    if method == "dense":
-        return dense_top_singular(b, a, rank, dtype)
-    if method == "randomized":
-        return randomized_top_singular(b.to(dtype) @ a.to(dtype), rank, rtol=rtol, generator=generator)
-    raise ValueError(f"unknown SVD method {method!r}; choose from {get_args(Method)}")
 
 
 def _check_rank(d: int, k: int, rank: int) -> None:
