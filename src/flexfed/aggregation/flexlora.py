@@ -112,9 +112,8 @@ def flexlora_triplets(
     """
     if not ranks:
         return {}
-    # float64 clients (tests) stay float64; float32, bf16 and fp16 clients are worked on in float32.
-    work = torch.promote_types(updates[0][next(iter(ranks))].b.dtype, torch.float32)
-    dtype = dtype or work
+    # dW in float64 for float64 clients (tests), else float32 (float32, bf16 and fp16 clients).
+    dtype = dtype or torch.promote_types(updates[0][next(iter(ranks))].b.dtype, torch.float32)
     active = [(pi, u) for pi, u in zip(p, updates) if pi > 0]
     weights, clients = [pi for pi, _ in active], [u for _, u in active]
     groups: dict[tuple, list[str]] = defaultdict(list)
@@ -128,9 +127,8 @@ def flexlora_triplets(
     for (d, k, client_ranks, rank), names in groups.items():
         total_rank = sum(client_ranks)
         chosen = choose_method(d, k, total_rank, rank) if method == "auto" else method
-        if chosen == "exact":  # float64 copies of the stacked factors, Gram matrices, basis
+        if chosen == "exact":  # float64 stacked factors, Gram matrices, basis
             per_matrix = 8 * ((d + k) * total_rank + 3 * total_rank**2 + 2 * (d + k) * rank)
-            per_matrix += 4 * (d + k) * total_rank  # the stacked client factors themselves
         else:  # dW, the SVD's work space or the iteration's Gram matrix and blocks
             per_matrix = dtype.itemsize * 3 * d * k
         chunk = max(1, chunk_bytes // per_matrix)
@@ -138,7 +136,8 @@ def flexlora_triplets(
             part = names[start : start + chunk]
             factors = [[u[n] for u in clients] for n in part]
             if chosen == "exact":
-                u, s, vh = exact_top_singular(*stack_updates(factors, weights, work), rank)
+                # stacked straight into float64: p_i s_i B_i is not rounded to float32 first
+                u, s, vh = exact_top_singular(*stack_updates(factors, weights, torch.float64), rank)
             elif chosen == "randomized":
                 u, s, vh = randomized_top_singular(sum_updates(factors, weights, dtype), rank, rtol=rtol)
             elif chosen == "dense":
