@@ -46,20 +46,10 @@ import torch
 
 from flexfed.aggregation.flexlora import flexlora_triplets
 from flexfed.aggregation.lowrank import RTOL, choose_method
-from flexfed.lora import ATTENTION, MLP, Factors, lora_scale
+from flexfed.lora import ATTENTION, Factors, lora_scale
+from flexfed.resources import DISTRIBUTIONS, RANK_TYPES, resolve_type
 
 ALPHA = 16.0
-RANK_TYPES = {  # type -> (attention rank, MLP rank)
-    "T1": (8, 8),
-    "T2": (30, 30),
-    "T3": (30, 200),
-    "T4": (200, 200),
-}
-DISTRIBUTIONS = {  # probabilities of T1..T4
-    "uniform": (0.25, 0.25, 0.25, 0.25),
-    "heavy-tail-light": (0.80, 0.05, 0.05, 0.10),
-    "heavy-tail-strong": (0.05, 0.05, 0.10, 0.80),
-}
 
 
 @dataclass
@@ -87,15 +77,15 @@ def module_shapes(hidden: int, intermediate: int, layers: int) -> dict[str, tupl
 def make_clients(shapes, n_clients: int, distribution: str, seed: int):
     """Random client adapters with rank types drawn from ``distribution``; returns updates, weights, types."""
     g = torch.Generator().manual_seed(seed)
-    probs = torch.tensor(DISTRIBUTIONS[distribution])
+    shares = DISTRIBUTIONS[distribution]
+    probs = torch.tensor([shares.get(t, 0.0) for t in RANK_TYPES])
     types = [list(RANK_TYPES)[int(i)] for i in torch.multinomial(probs, n_clients, replacement=True, generator=g)]
     weights = [float(n) for n in torch.randint(16, 521, (n_clients,), generator=g)]
     updates = []
     for t in types:
-        attention_rank, mlp_rank = RANK_TYPES[t]
         adapter = {}
-        for name, (d, k) in shapes.items():
-            r = min(mlp_rank if name.endswith(MLP) else attention_rank, d, k)
+        for name, r in resolve_type(t, *RANK_TYPES[t], shapes).ranks.items():
+            d, k = shapes[name]
             a = (torch.rand(r, k, generator=g) * 2 - 1) / math.sqrt(k)
             b = torch.randn(d, r, generator=g) * 0.01
             adapter[name] = Factors(b=b, a=a, scale=lora_scale(r, ALPHA))
