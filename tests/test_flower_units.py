@@ -308,7 +308,8 @@ def test_every_method_gives_the_same_result_through_flower_messages(method, tiny
 
     monkeypatch.setattr(Simulation, "evaluate", lambda self, state: {"time_eval_s": 0.0})  # not what is compared here
 
-    settings = [f"federation.method={method}", "federation.rounds=2", "federation.sample_fraction=0.06", "eval.seen_examples=2", "eval.unseen_examples=2"]
+    rounds = 3 if method == "flora" else 2  # FLoRA's cumulative update outgrows the last stack in round 3
+    settings = [f"federation.method={method}", f"federation.rounds={rounds}", "federation.sample_fraction=0.06", "eval.seen_examples=2", "eval.unseen_examples=2"]
     if Aggregator.registry[method].mixed_ranks:  # two rank types: R2 and R4
         settings += ["resources.distribution=custom", "resources.types={R2: {attention: 2, mlp: 2}, R4: {attention: 4, mlp: 4}}", "resources.mix={R2: 1, R4: 1}"]
     states, metrics = {}, {}
@@ -330,4 +331,7 @@ def test_every_method_gives_the_same_result_through_flower_messages(method, tiny
             assert y["bytes_down"] == y["array_bytes_down"]
             # FLoRA: a node is sent the cumulative update, not the last stack (serverapp docstring);
             # in round 2 the two are the same (round 1's stack), from round 3 on it is more.
-            assert x["bytes_down"] == y["bytes_down"]
+            if method == "flora" and sim_round["round"] == 3:
+                assert y["bytes_down"] > x["bytes_down"]
+            else:
+                assert x["bytes_down"] == y["bytes_down"]
