@@ -6,7 +6,7 @@ import torch
 from flexfed.client import LocalTrainer, collate, length_bucketed_batches, response_loss
 from flexfed.config import load_config
 from flexfed.data import encode_for_training
-from flexfed.lora import init_adapter, lora_scale, target_shapes
+from flexfed.lora import Factors, init_adapter, lora_scale, target_shapes
 from flexfed.models import tiny_llama
 
 
@@ -70,3 +70,50 @@ def test_empty_client_is_an_error(tokenizer):
     trainer, start, _ = _trainer(tokenizer)
     with pytest.raises(ValueError, match="client empty: no training examples"):
         trainer.train("empty", start, [], seed=0)
+
+
+def test_fed_sb_trains_only_the_core_between_fixed_frames(tokenizer, examples):
+    from flexfed.aggregation import get_aggregator
+    from flexfed.aggregation.fed_sb import sb_core, sb_factors
+    from flexfed.lora import get_adapter
+
+    trainer, plain, config = _trainer(tokenizer, "training.precision=fp32", "training.lr=0.01", "training.local_steps=6")
+    shapes = {n: (f.b.shape[0], f.a.shape[1]) for n, f in plain.items()}
+    agg = get_aggregator("fed-sb")
+    frames = {n: agg.common(n, shapes[n], 4, lora_scale(4, 8), 0) for n in shapes}
+    cores = {n: torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) * 0.1 for n in shapes}
+    start = {n: sb_factors(f.b, cores[n], f.a, f.scale) for n, f in frames.items()}
+    frames_before = {n: (f.b.clone(), f.a.clone()) for n, f in frames.items()}
+
+    result = trainer.train("c1", start, examples, seed=3, trainable=("r",), frames=frames)
+    assert result.losses[-1] < result.losses[0]
+    layers = {n: m for n, m in trainer.peft_model.named_modules() if n.endswith("lora_A.ranks0")}
+    assert all([n for n, _ in m.named_parameters()] == ["parametrizations.weight.original"] for m in layers.values())  # R alone
+    for n, f in result.adapter.items():
+        assert torch.equal(f.b, frames[n].b)  # B unchanged, bit for bit
+        assert torch.equal(frames[n].b, frames_before[n][0]) and torch.equal(frames[n].a, frames_before[n][1])
+        core = sb_core(f, frames[n].a)
+        torch.testing.assert_close(core @ frames[n].a, f.a)  # the update lies in the A frame's row space
+        assert not torch.allclose(core, cores[n])  # and R moved
+    frame_buffers = [m.parametrizations.weight[0].frame for m in layers.values()]
+    assert all(any(torch.equal(fb, f.a) for f in frames.values()) for fb in frame_buffers)
+
+    # The same slot then serves plain LoRA: the parametrization is gone and A trains again.
+    again = trainer.train("c2", plain, examples, seed=3)
+    assert not any("parametrizations" in n for n, _ in trainer.peft_model.named_parameters())
+    assert any(not torch.equal(again.adapter[n].a, plain[n].a) for n in plain)
+    assert get_adapter(trainer.peft_model, "ranks0").keys() == plain.keys()
+
+
+def test_base_update_sets_and_restores_the_base_weights(tokenizer, examples):
+    trainer, start, _ = _trainer(tokenizer, "training.precision=fp32")
+    name = sorted(start)[0]
+    w0 = trainer._base_linear(name).weight.detach().clone()
+    update = {n: Factors(b=torch.ones_like(f.b), a=f.a, scale=f.scale) for n, f in start.items()}
+    trainer.set_base_update(update)
+    trainer.set_base_update(update)  # never compounded
+    torch.testing.assert_close(trainer._base_linear(name).weight, w0 + update[name].delta())
+    trainer.train("c", start, examples[:4], seed=0)  # training does not touch the base
+    torch.testing.assert_close(trainer._base_linear(name).weight, w0 + update[name].delta())
+    trainer.set_base_update(None)
+    assert torch.equal(trainer._base_linear(name).weight, w0)

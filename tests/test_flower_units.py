@@ -16,7 +16,9 @@ from flexfed.engines.flower.clientapp import NodeConfigError, hosted_clients
 from flexfed.engines.flower.project import app_pyproject
 from flexfed.engines.flower.serverapp import FlowerEngine, config_from_run_config
 from flexfed.engines.simulation import Simulation
-from flexfed.lora import Factors, adapter_bytes
+from flexfed.aggregation import get_aggregator
+from flexfed.aggregation.base import payload_bytes
+from flexfed.lora import Factors
 from flexfed.server import load_checkpoint
 
 
@@ -31,47 +33,51 @@ def _adapter(dtype=torch.float32, ranks=(2, 4)):
 # ----------------------------------------------------------------------------- wire format
 
 
+def _payload(adapter):
+    return get_aggregator("flexlora").encode(adapter, {})
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_adapters_survive_the_wire_bit_for_bit(dtype):
-    adapter = _adapter(dtype)
-    record, meta = wire.encode_adapter(adapter)
-    assert isinstance(record, ArrayRecord) and meta["dtype"] == str(dtype).removeprefix("torch.")
-    back = wire.decode_adapter(record, meta["modules"], meta["scales"], meta["dtype"])
-    for name, f in adapter.items():
-        assert back[name].a.dtype == dtype and torch.equal(back[name].a, f.a) and torch.equal(back[name].b, f.b)
-        assert back[name].scale == f.scale
-    # Arrays travel as float32 for bfloat16 (NumPy has none); otherwise exactly adapter_bytes.
-    assert wire.array_bytes(adapter) == adapter_bytes(adapter) * (2 if dtype == torch.bfloat16 else 1)
+def test_payloads_survive_the_wire_bit_for_bit(dtype):
+    payload = _payload(_adapter(dtype))
+    arrays, meta = wire.encode_payload(payload)
+    assert meta["dtype"] == str(dtype).removeprefix("torch.")
+    back = wire.decode_payload(wire.from_record(wire.to_record(arrays)), meta["dtype"])
+    assert back.keys() == payload.keys()
+    assert all(back[k].dtype == dtype and torch.equal(back[k], t) for k, t in payload.items())
+    # Arrays travel as float32 for bfloat16 (NumPy has none); otherwise exactly the payload's bytes.
+    assert wire.array_bytes(payload) == payload_bytes(payload) * (2 if dtype == torch.bfloat16 else 1)
 
 
 def test_serialised_size_is_the_arrays_plus_a_bounded_overhead():
-    adapter = _adapter(ranks=(8, 8, 8, 8))
-    record, meta = wire.encode_adapter(adapter)
-    size = wire.object_bytes(RecordDict({"adapter": record, "meta": ConfigRecord(meta)}))
-    overhead = size - wire.array_bytes(adapter)
-    assert 0 < overhead <= 512 * 2 * len(adapter) + 1024
-
-
-def _decode(arrays, meta):
-    return wire.decode_arrays(arrays, meta["modules"], meta["scales"], meta["dtype"])
+    payload = _payload(_adapter(ranks=(8, 8, 8, 8)))
+    arrays, meta = wire.encode_payload(payload)
+    size = wire.object_bytes(RecordDict({"adapter": wire.to_record(arrays), "meta": ConfigRecord(meta)}))
+    overhead = size - wire.array_bytes(payload)
+    assert 0 < overhead <= 512 * len(payload) + 1024
 
 
 def test_malformed_arrays_are_refused():
-    arrays, meta = wire.encode_arrays(_adapter())
-    first = meta["modules"][0]
-    cases = {
-        "unexpected or missing": {**arrays, "extra.a": arrays[f"{first}.a"]},
+    adapter = _adapter()
+    arrays, meta = wire.encode_payload(_payload(adapter))
+    first = sorted(adapter)[0]
+    for reason, bad in {
         "expected a 2-D float32": {**arrays, f"{first}.a": arrays[f"{first}.a"].astype(np.int32)},
         "2-D": {**arrays, f"{first}.b": arrays[f"{first}.b"][None]},
-        "do not chain": {**arrays, f"{first}.b": arrays[f"{first}.b"][:, :1]},
-    }
-    for reason, bad in cases.items():
+    }.items():
         with pytest.raises(wire.WireError, match=reason):
-            _decode(bad, meta)
-    with pytest.raises(wire.WireError, match="positive number"):
-        _decode(arrays, {**meta, "scales": [float("nan"), 1.0]})
+            wire.decode_payload(bad, meta["dtype"])
     with pytest.raises(wire.WireError, match="not accepted"):
-        _decode(arrays, {**meta, "dtype": "int8"})
+        wire.decode_payload(arrays, "int8")
+    # Names and shapes are the method's to check.
+    agg, scale = get_aggregator("flexlora"), lambda r: 8.0 / r
+    payload = wire.decode_payload(arrays, meta["dtype"])
+    for reason, bad in {
+        "unexpected or missing": {**payload, "extra.a": payload[f"{first}.a"]},
+        "do not chain": {**payload, f"{first}.b": payload[f"{first}.b"][:, :1]},
+    }.items():
+        with pytest.raises(ValueError, match=reason):
+            agg.decode(bad, sorted(adapter), {}, scale)
 
 
 def test_pickled_arrays_are_never_loaded():
@@ -214,8 +220,6 @@ def test_bad_or_missing_updates_are_left_out_with_a_reason(tiny_config, task_ide
         for f in ("a", "b"):
             value = wire.npy_load(bytes(content.array_records[clientapp.ADAPTER][f"{module}.{f}"].data))
             _set_array(content, f"{module}.{f}", value[:2] if f == "a" else value[:, :2])
-        stats = content.config_records[clientapp.RESULT]
-        stats["scales"] = [engine.server.scale(2) if m == module else s for m, s in zip(stats["modules"], stats["scales"])]
 
     def ints(content):
         value = wire.npy_load(bytes(content.array_records[clientapp.ADAPTER][f"{module}.a"].data))
@@ -249,23 +253,27 @@ def test_the_trainer_worker_trains_like_the_in_process_trainer(tiny_config, tmp_
     from flexfed.engines.flower import worker
     from flexfed.engines.simulation import Simulation
 
-    config = tiny_config()
+    config = tiny_config("federation.method=ffa-lora")  # B alone travels
     sim = Simulation(config)
     c = sim.server.sample(1)[0]
     shard = sim.federation.clients[c]
-    start = sim.server.start_adapter(sim.server.initial_state(), c)
+    down = sim.server.downlink(sim.server.initial_state(), c)
     seed = sim.server.client_seed(1, c)
-    expected = sim.trainer.train(shard.client_id, start, sim_examples(sim, shard), seed)
+    ranks = sim.server.ranks_of(c)
+    start = sim.server.link.start(down, ranks, seed)
+    expected = sim.trainer.train(shard.client_id, start, sim_examples(sim, shard), seed, ("b",))
 
     w = worker.Worker(tmp_path / "w" / "trainer.sock")
     thread = threading.Thread(target=w.serve_forever, daemon=True)
     thread.start()
     try:
-        arrays, meta = wire.encode_arrays(start)
-        header = {"op": "train", "config": dump(config), "client": shard.client_id, "seed": seed, "meta": meta, "trainable": ["a", "b"], "node_config": {"partition-id": 0, "num-partitions": 1}}
+        arrays, meta = wire.encode_payload(down)
+        meta = {**meta, "modules": sorted(ranks), "ranks": [ranks[m] for m in sorted(ranks)]}
+        header = {"op": "train", "config": dump(config), "client": shard.client_id, "seed": seed, "meta": meta, "node_config": {"partition-id": 0, "num-partitions": 1}}
         answer, blobs = worker.request(w.path, header, {k: wire.npy_bytes(v) for k, v in arrays.items()})
         stats = answer["stats"]
-        got = wire.decode_arrays({k: wire.npy_load(v) for k, v in blobs.items()}, stats["modules"], stats["scales"], stats["dtype"])
+        assert {k.rsplit(".", 1)[1] for k in blobs} == {"b"}
+        got = sim.server.receive(c, wire.decode_payload({k: wire.npy_load(v) for k, v in blobs.items()}, stats["dtype"]))
         for name, f in expected.adapter.items():
             assert torch.equal(got[name].a, f.a) and torch.equal(got[name].b, f.b)
         assert math.isclose(stats["loss"], expected.loss) and stats["tokens"] == expected.tokens
@@ -294,26 +302,36 @@ def _methods():
 
 @pytest.mark.parametrize("method", _methods())
 def test_every_method_gives_the_same_result_through_flower_messages(method, tiny_config, task_identity, monkeypatch):
-    """The ServerApp (on a scripted grid, ClientApp functions answering) against the in-process simulator."""
+    """The ServerApp (on a scripted grid, ClientApp functions answering) against the in-process
+    simulator: the same global model bit for bit, from the same payloads."""
     from flexfed.aggregation import Aggregator
 
     monkeypatch.setattr(Simulation, "evaluate", lambda self, state: {"time_eval_s": 0.0})  # not what is compared here
 
-    settings = [f"federation.method={method}", "federation.rounds=1", "federation.sample_fraction=0.06", "eval.seen_examples=2", "eval.unseen_examples=2"]
+    rounds = 3 if method == "flora" else 2  # FLoRA's cumulative update outgrows the last stack in round 3
+    settings = [f"federation.method={method}", f"federation.rounds={rounds}", "federation.sample_fraction=0.06", "eval.seen_examples=2", "eval.unseen_examples=2"]
     if Aggregator.registry[method].mixed_ranks:  # two rank types: R2 and R4
         settings += ["resources.distribution=custom", "resources.types={R2: {attention: 2, mlp: 2}, R4: {attention: 4, mlp: 4}}", "resources.mix={R2: 1, R4: 1}"]
-    outcomes = {}
+    states, metrics = {}, {}
     for engine in ("simulator", "flower"):
         config = tiny_config(f"name={engine}", *settings)
-        try:
-            sim = Simulation(config) if engine == "simulator" else FlowerEngine(config, grid=ScriptedGrid({}))
-            sim.run(show_progress=False)
-            outcomes[engine] = load_checkpoint(config.run_dir).global_adapter
-        except ValueError as err:  # a method the simulator cannot run yet must fail the same way
-            outcomes[engine] = f"{type(err).__name__}: {err}"
-    a, b = outcomes["simulator"], outcomes["flower"]
-    if isinstance(a, str) or isinstance(b, str):
-        assert a == b
-    else:
+        sim = Simulation(config) if engine == "simulator" else FlowerEngine(config, grid=ScriptedGrid({}))
+        sim.run(show_progress=False)
+        states[engine] = load_checkpoint(config.run_dir)
+        metrics[engine] = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    for part in ("global_adapter", "base_update"):
+        a, b = getattr(states["simulator"], part), getattr(states["flower"], part)
         assert set(a) == set(b)
         assert all(torch.equal(a[n].a, b[n].a) and torch.equal(a[n].b, b[n].b) and a[n].scale == b[n].scale for n in a)
+    assert bool(states["simulator"].base_update) == (method == "flora")
+    for sim_round, flower_round in zip(metrics["simulator"], metrics["flower"]):
+        assert flower_round["clients_reported"] == sim_round["clients_reported"] > 0
+        for x, y in zip(sim_round["clients"], flower_round["clients"]):
+            assert x["bytes_up"] == y["bytes_up"] == y["array_bytes_up"]
+            assert y["bytes_down"] == y["array_bytes_down"]
+            # FLoRA: a node is sent the cumulative update, not the last stack (serverapp docstring);
+            # in round 2 the two are the same (round 1's stack), from round 3 on it is more.
+            if method == "flora" and sim_round["round"] == 3:
+                assert y["bytes_down"] > x["bytes_down"]
+            else:
+                assert x["bytes_down"] == y["bytes_down"]

@@ -1,10 +1,13 @@
 import json
+import shutil
 
 import pytest
 import torch
+from peft import PeftModel
 
 from flexfed.engines.simulation import RunExists, Simulation, run
 from flexfed.lora import load_adapter
+from flexfed.models import tiny_llama
 from flexfed.server import load_checkpoint
 
 TIMING = {"time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s", "seconds"}
@@ -41,9 +44,11 @@ def test_a_run_writes_config_metrics_adapters_and_report_inputs(tiny_config):
         run(config, show_progress=False)
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
-    whole = tiny_config("name=whole", "federation.rounds=3", "eval.every=2")
-    parted = tiny_config("name=parted", "federation.rounds=3", "eval.every=2")
+@pytest.mark.parametrize("method, distribution", [("fedit", "homogeneous"), ("flora", "uniform")])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path, method, distribution):
+    settings = ["federation.rounds=3", "eval.every=2", f"federation.method={method}", f"resources.distribution={distribution}"]
+    whole = tiny_config("name=whole", *settings)
+    parted = tiny_config("name=parted", *settings)
     run(whole, show_progress=False)
     run(parted, show_progress=False, stop_after=1)
     assert load_checkpoint(parted.run_dir).round == 1
@@ -54,6 +59,9 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tm
 
     a, b = load_checkpoint(whole.run_dir), load_checkpoint(parted.run_dir)
     assert a.round == b.round == 3
+    if method == "flora":  # the merged base is part of the state
+        assert set(a.base_update) == set(b.base_update) and a.base_update
+        assert all(torch.equal(a.base_update[n].a, b.base_update[n].a) and torch.equal(a.base_update[n].b, b.base_update[n].b) for n in a.base_update)
     for name in a.global_adapter:
         assert torch.equal(a.global_adapter[name].a, b.global_adapter[name].a)
         assert torch.equal(a.global_adapter[name].b, b.global_adapter[name].b)
@@ -103,6 +111,8 @@ def test_a_failing_client_is_left_out_and_never_reaches_the_global_model(tiny_co
         ("flexlora", "heavy-tail-strong"),
         ("flexlora", "normal"),
         ("hetlora", "homogeneous"),
+        ("fed-sb", "homogeneous"),
+        ("flora", "uniform"),
     ],
 )
 def test_every_method_runs_in_the_simulator(tiny_config, method, distribution):
@@ -122,12 +132,96 @@ def test_every_method_runs_in_the_simulator(tiny_config, method, distribution):
     ranks = {c["ranks"]["q_proj"] for c in record["clients"]}
     state = load_checkpoint(config.run_dir)
     for name, f in state.global_adapter.items():
-        assert f.rank == sim.server.max_ranks[name]  # the global keeps what the largest client needs
+        if method == "flora":  # the exact stack of every reporter's factors
+            assert f.rank == sum(sim.server.ranks_of(i)[name] for i in sim.server.sample(1))
+        else:
+            assert f.rank == sim.server.max_ranks[name]  # the global keeps what the largest client needs
     if distribution == "homogeneous":
         assert ranks == {4}
+    first = sim.server.initial_state().global_adapter
     if method == "ffa-lora":  # A never leaves its shared initial value
-        first = sim.server.initial_state().global_adapter
         assert all(torch.equal(state.global_adapter[n].a, first[n].a) for n in first)
+    if method == "fed-sb":  # B stays the shared frame; only the core moved
+        assert all(torch.equal(state.global_adapter[n].b, first[n].b) for n in first)
+        assert any(not torch.equal(state.global_adapter[n].a, first[n].a) for n in first)
+    # The saved global adapter loads in PEFT and carries the global update over the original base.
+    update = sim.server.global_update(state)
+    model = PeftModel.from_pretrained(tiny_llama(seed=config.seed), str(config.run_dir / "adapters" / "round-0001"))
+    for name, f in update.items():
+        layer = model.base_model.model.get_submodule(name)
+        delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+        torch.testing.assert_close(delta, f.delta(), rtol=1e-5, atol=1e-6)
+
+
+def _client_bytes(method, shape, rank, last_ranks):
+    """SPEC §3's numbers per matrix (float32 = 4 bytes): (up, down) for one client."""
+    d, k = shape
+    if method == "ffa-lora":
+        return 4 * rank * d, 4 * rank * d
+    if method == "fed-sb":
+        return 4 * rank * rank, 4 * rank * rank
+    if method == "flora":  # down: the stack of the previous round's reporters (none before round 1)
+        return 4 * rank * (d + k), 4 * sum(last_ranks) * (d + k)
+    return 4 * rank * (d + k), 4 * rank * (d + k)
+
+
+@pytest.mark.parametrize(
+    "method, distribution",
+    [("fedit", "homogeneous"), ("hetlora", "uniform"), ("flexlora", "uniform"), ("ffa-lora", "homogeneous"), ("fed-sb", "homogeneous"), ("flora", "uniform")],
+)
+def test_bytes_are_the_methods_payloads(tiny_config, method, distribution):
+    config = tiny_config(
+        f"name={method}", f"federation.method={method}", f"resources.distribution={distribution}", "federation.rounds=2", "eval.every=5", "eval.seen_examples=2", "eval.unseen_examples=2"
+    )
+    assert config.model.dtype == "float32"
+    sim = Simulation(config)
+    sim.run(show_progress=False)
+    index = {c.client_id: i for i, c in enumerate(sim.federation.clients)}
+    last: dict[str, list[int]] = {n: [] for n in sim.server.shapes}  # ranks of the previous round's reporters
+    for m in _metrics(config.run_dir)[1:]:
+        assert m["clients_reported"] == m["clients_sampled"] > 0
+        for c in m["clients"]:
+            ranks = sim.server.ranks_of(index[c["id"]])
+            expected = [_client_bytes(method, sim.server.shapes[n], r, last[n]) for n, r in ranks.items()]
+            assert c["bytes_up"] == sum(up for up, _ in expected), (m["round"], c)
+            assert c["bytes_down"] == sum(down for _, down in expected), (m["round"], c)
+        assert m["bytes_up"] == sum(c["bytes_up"] for c in m["clients"])
+        assert m["bytes_down"] == sum(c["bytes_down"] for c in m["clients"])
+        last = {n: [sim.server.ranks_of(index[c["id"]])[n] for c in m["clients"]] for n in sim.server.shapes}
+    if method == "flora":
+        assert _metrics(config.run_dir)[2]["bytes_down"] > 0
+
+
+def test_flora_merges_every_rounds_stack_into_the_base(tiny_config):
+    config = tiny_config("federation.method=flora", "resources.distribution=uniform", "federation.rounds=2", "eval.seen_examples=2", "eval.unseen_examples=2")
+    sim = Simulation(config)
+    sim.run(show_progress=False)
+    final = load_checkpoint(config.run_dir)
+    stacks = [final.global_adapter]  # round 2's stack
+    shutil.rmtree(config.run_dir / "checkpoints" / "round-0002")
+    stacks.append(load_checkpoint(config.run_dir).global_adapter)  # round 1's stack
+    w0 = dict(tiny_llama(seed=config.seed).named_modules())
+    for name in sim.server.shapes:
+        expected = w0[name].weight.double() + sum(s[name].delta(torch.float64) for s in stacks)
+        merged = sim.trainer._base_linear(name).weight  # the shared base after the last evaluation
+        torch.testing.assert_close(merged.double(), expected, rtol=0, atol=1e-6)
+    # concatenated stacks, re-factored at full rank where they would exceed it
+    assert all(f.rank == min(sum(s[n].rank for s in stacks), *f.shape) for n, f in final.base_update.items())
+
+
+def test_flora_cumulative_update_is_refactored_exactly_at_full_rank():
+    from flexfed.aggregation.flora import flora_accumulate
+    from flexfed.lora import Factors, lora_scale
+
+    scale = lambda r: lora_scale(r, 8.0)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    stacks = [{"m": Factors(b=torch.randn(6, 4, generator=g), a=torch.randn(4, 5, generator=g), scale=scale(4))} for _ in range(3)]
+    merged: dict = {}
+    for stack in stacks:
+        merged = flora_accumulate(merged, stack, scale)
+    assert merged["m"].rank == 5 and merged["m"].scale == scale(5)  # capped at min(6, 5)
+    expected = sum(s["m"].delta(torch.float64) for s in stacks)
+    torch.testing.assert_close(merged["m"].delta(torch.float64), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_methods_that_need_one_rank_refuse_mixed_resources(tiny_config):

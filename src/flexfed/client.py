@@ -2,6 +2,11 @@
 
 One ``LocalTrainer`` wraps the base model with PEFT once and keeps one adapter slot per rank
 layout, so a new client costs a copy of its starting factors, not a new model.
+
+Beyond plain LoRA, the trainer serves two methods: Fed-SB trains only an r x r core R (the
+slot's ``lora_A`` weight is parametrized as R @ A with the frame A a buffer, so reading the
+adapter still gives ``Factors(b=B, a=R @ A)``), and FLoRA trains on base weights with the
+global update merged in (``set_base_update``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch.nn.functional as F
 from flexfed.config import LoraConfig, TrainingConfig
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
-from flexfed.lora import Adapter, get_adapter, peft_config, set_adapter
+from flexfed.lora import Adapter, Factors, get_adapter, lora_modules, peft_config, set_adapter
 
 @dataclass
 class ClientResult:
@@ -102,6 +107,7 @@ class LocalTrainer:
         self.autocast = autocast_dtype(training.precision, self.device)
         self.peft_model = None
         self._slots: dict[tuple, str] = {}
+        self._base_weights: dict[str, torch.Tensor] | None = None  # W0 of merged modules (FLoRA)
 
     def _slot(self, ranks: Mapping[str, int]) -> str:
         """The adapter slot for this rank layout, created on first use."""
@@ -119,15 +125,30 @@ class LocalTrainer:
             self._slots[key] = name
         return self._slots[key]
 
-    def activate(self, start: Adapter, trainable: Sequence[str] = ("a", "b")) -> str:
-        """Load ``start`` into its slot; only the ``trainable`` factors ("a", "b") get gradients."""
+    def activate(self, start: Adapter, trainable: Sequence[str] = ("a", "b"), frames: Mapping[str, Factors] | None = None) -> str:
+        """Load ``start`` into its slot; only the ``trainable`` factors get gradients.
+
+        ``("a",)``/``("b",)``/both: plain LoRA factors. ``("r",)``: Fed-SB's core between the fixed
+        ``frames`` (``Factors(b=B, a=A)`` per module), with ``start`` = ``Factors(b=B, a=R @ A)``.
+        """
         name = self._slot({n: f.rank for n, f in start.items()})
         self.peft_model.set_adapter(name)
+        layers = lora_modules(self.peft_model)
+        for layer in layers.values():  # a slot keeps no core from an earlier Fed-SB client
+            _unfreeze_frame(layer.lora_A[name])
         set_adapter(self.peft_model, start, adapter_name=name)
-        unknown = set(trainable) - {"a", "b"}
-        if unknown:
-            raise ValueError(f"the LoRA trainer trains factors 'a' and 'b', not {sorted(unknown)}")
-        wanted = tuple(f"lora_{x.upper()}.{name}." for x in trainable)
+        if set(trainable) - {"a", "b"} and tuple(trainable) != ("r",):
+            raise ValueError(f"the trainer trains LoRA factors 'a' and/or 'b', or Fed-SB's core 'r' alone, not {sorted(trainable)}")
+        if tuple(trainable) == ("r",):
+            if frames is None or set(frames) != set(start):
+                raise ValueError("training the core 'r' needs the fixed frames of every module")
+            for n, layer in layers.items():
+                if not torch.equal(start[n].b, frames[n].b):
+                    raise ValueError(f"{n}: the start's B is not the module's fixed frame")
+                _freeze_frame(layer.lora_A[name], frames[n].a)
+            wanted = (f"lora_A.{name}.parametrizations.weight.original",)
+        else:
+            wanted = tuple(f"lora_{x.upper()}.{name}." for x in trainable)
         for pname, p in self.peft_model.named_parameters():
             p.requires_grad_(any(w in pname for w in wanted))
         return name
@@ -145,13 +166,19 @@ class LocalTrainer:
         return max(1, math.ceil(t.local_epochs * math.ceil(num_examples / t.batch_size)))
 
     def train(
-        self, client_id: str, start: Adapter, examples: Sequence[EncodedExample], seed: int, trainable: Sequence[str] = ("a", "b")
+        self,
+        client_id: str,
+        start: Adapter,
+        examples: Sequence[EncodedExample],
+        seed: int,
+        trainable: Sequence[str] = ("a", "b"),
+        frames: Mapping[str, Factors] | None = None,
     ) -> ClientResult:
-        """Train from ``start`` on ``examples``; deterministic for a given ``seed``."""
+        """Train from ``start`` on ``examples``; deterministic for a given ``seed`` (``frames``: see ``activate``)."""
         if not examples:
             raise ValueError(f"client {client_id}: no training examples")
         began = time.perf_counter()
-        name = self.activate(start, trainable)
+        name = self.activate(start, trainable, frames)
         model = self.peft_model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
@@ -187,3 +214,54 @@ class LocalTrainer:
             seconds=time.perf_counter() - began,
             losses=losses,
         )
+
+    def set_base_update(self, update: Mapping[str, Factors] | None) -> None:
+        """Base weights W0 + s B A for the modules in ``update`` (FLoRA merges the global update into
+        the base); None or empty restores W0. W0 is kept aside on first use, so merging is never
+        compounded and the same update always gives the same weights, bit for bit."""
+        from flexfed.aggregation.flora import merge_into_base
+
+        if self._base_weights is None:
+            if not update:
+                return
+            self._base_weights = {n: self._base_linear(n).weight.detach().clone() for n in update}
+        merged = merge_into_base(self._base_weights, {n: Factors(f.b.to(self.device), f.a.to(self.device), f.scale) for n, f in (update or {}).items()})
+        with torch.no_grad():
+            for n, w0 in self._base_weights.items():
+                self._base_linear(n).weight.copy_(merged.get(n, w0))
+
+    def _base_linear(self, name: str) -> torch.nn.Linear:
+        module = self.base_model.get_submodule(name)
+        return getattr(module, "base_layer", module)  # inside a PEFT LoRA layer once wrapped
+
+
+class _CoreTimesFrame(torch.nn.Module):
+    """Fed-SB parametrization of ``lora_A``: weight = R @ A, with R (r x r) the trained tensor and
+    the frame A a buffer. ``right_inverse`` recovers R from a weight, which sets R's start."""
+
+    def __init__(self, frame: torch.Tensor):
+        super().__init__()
+        self.register_buffer("frame", frame)
+
+    def forward(self, core: torch.Tensor) -> torch.Tensor:
+        return core @ self.frame
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        from flexfed.aggregation.fed_sb import core_of
+
+        return core_of(weight, self.frame)
+
+
+def _freeze_frame(linear: torch.nn.Linear, frame: torch.Tensor) -> None:
+    from torch.nn.utils import parametrize
+
+    frame = frame.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    parametrize.register_parametrization(linear, "weight", _CoreTimesFrame(frame), unsafe=True)
+
+
+def _unfreeze_frame(linear: torch.nn.Linear) -> None:
+    """Back to a plain weight holding R @ A (a no-op on a layer that is not parametrized)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(linear, "weight"):
+        parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)

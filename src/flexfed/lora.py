@@ -65,10 +65,6 @@ def module_kind(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def adapter_bytes(adapter: Mapping[str, Factors]) -> int:
-    return sum(f.a.numel() * f.a.element_size() + f.b.numel() * f.b.element_size() for f in adapter.values())
-
-
 # ----------------------------------------------------------------------------- PEFT models
 
 

@@ -1,7 +1,9 @@
 """The server's side of a round: sample, hand out start adapters, check updates, aggregate, checkpoint.
 
 Nothing here trains or evaluates; engines call these pieces in order, so the simulator and the
-Flower ServerApp share one implementation of the round.
+Flower ServerApp share one implementation of the round. ``Link`` is the part both ends of a
+client's exchange share (a Flower node builds its own from the run config): what is sent for a
+start adapter or an update, and what a client trains from.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexfed.aggregation import get_aggregator
-from flexfed.aggregation.base import truncate
+from flexfed.aggregation import Aggregator, get_aggregator
+from flexfed.aggregation.base import Payload, truncate
 from flexfed.config import RunConfig
 from flexfed.lora import Adapter, Factors, init_adapter, lora_scale, save_adapter
 from flexfed.resources import RankProfile, max_ranks
@@ -44,6 +46,53 @@ class ServerState:
     round: int
     global_adapter: Adapter
     metrics: list[dict] = field(default_factory=list)
+    # Methods that merge into the base (FLoRA): the cumulative update, W = W0 + base_update.
+    # ``global_adapter`` is then the last round's stack, what clients receive next.
+    base_update: Adapter = field(default_factory=dict)
+
+
+class Link:
+    """One client's exchange with the server, as both ends see it (pure tensors, no model).
+
+    ``send`` turns an adapter into the payload that crosses the wire and ``receive`` turns a
+    payload back into an adapter; the factors a method never sends (``common``) are rebuilt from
+    the run seed on each side. ``start`` is what a client trains from: the decoded start, or for
+    methods that merge into the base a fresh LoRA drawn from the client's seed.
+    """
+
+    def __init__(self, aggregator: Aggregator, shapes: Mapping[str, tuple[int, int]], alpha: float, rslora: bool, seed: int):
+        self.aggregator = aggregator
+        self.shapes = dict(shapes)
+        self.alpha, self.rslora, self.seed = alpha, rslora, seed
+        self._common: dict[tuple, Adapter] = {}
+
+    @classmethod
+    def from_config(cls, config: RunConfig, shapes: Mapping[str, tuple[int, int]]) -> "Link":
+        aggregator = get_aggregator(config.federation.method, **config.federation.method_options)
+        return cls(aggregator, shapes, config.lora.alpha, config.lora.rslora, config.seed)
+
+    def scale(self, rank: int) -> float:
+        return lora_scale(rank, self.alpha, self.rslora)
+
+    def common(self, ranks: Mapping[str, int]) -> Adapter:
+        """The factors every party derives from the run seed (empty for methods that send everything)."""
+        key = tuple(sorted(ranks.items()))
+        if key not in self._common:
+            found = {n: self.aggregator.common(n, self.shapes[n], r, self.scale(r), self.seed) for n, r in key}
+            self._common[key] = {n: f for n, f in found.items() if f is not None}
+        return self._common[key]
+
+    def send(self, adapter: Mapping[str, Factors], ranks: Mapping[str, int]) -> Payload:
+        return self.aggregator.encode(adapter, self.common(ranks))
+
+    def receive(self, payload: Mapping[str, torch.Tensor], ranks: Mapping[str, int]) -> Adapter:
+        return self.aggregator.decode(payload, sorted(ranks), self.common(ranks), self.scale)
+
+    def start(self, payload: Mapping[str, torch.Tensor], ranks: Mapping[str, int], client_seed: int) -> Adapter:
+        if self.aggregator.merges_into_base:  # the payload went into the base; LoRA restarts
+            shapes = {n: self.shapes[n] for n in ranks}
+            return init_adapter(shapes, ranks, self.alpha, self.rslora, derived_seed(client_seed, "fresh"))
+        return self.receive(payload, ranks)
 
 
 class Server:
@@ -65,17 +114,16 @@ class Server:
         method = config.federation.method
         if not self.aggregator.mixed_ranks and len({tuple(sorted(p.ranks.items())) for p in self.profiles}) > 1:
             raise ValueError(f"federation.method {method!r} needs one common rank; resources.distribution={config.resources.distribution!r} mixes ranks")
-        if self.aggregator.merges_into_base or set(self.aggregator.trainable) - {"a", "b"}:
-            # FLoRA rewrites the base weights each round; Fed-SB trains an r x r core: neither fits
-            # the LoRA trainer yet. Their aggregation math is available to `flexfed aggregate`.
-            raise ValueError(f"federation.method {method!r} is not supported by the simulator yet")
+        self.link = Link(self.aggregator, self.shapes, config.lora.alpha, config.lora.rslora, config.seed)
 
     def scale(self, rank: int) -> float:
         return lora_scale(rank, self.config.lora.alpha, self.config.lora.rslora)
 
     def initial_state(self) -> ServerState:
-        adapter = init_adapter(self.shapes, self.max_ranks, self.config.lora.alpha, self.config.lora.rslora, derived_seed(self.config.seed, "init"))
-        return ServerState(round=0, global_adapter=adapter)
+        return ServerState(round=0, global_adapter=self.aggregator.initial(self._peft_init(), self.link.common(self.max_ranks)))
+
+    def _peft_init(self) -> Adapter:
+        return init_adapter(self.shapes, self.max_ranks, self.config.lora.alpha, self.config.lora.rslora, derived_seed(self.config.seed, "init"))
 
     def ranks_of(self, client: int) -> Mapping[str, int]:
         return self.profiles[self.client_profile[client]].ranks
@@ -90,7 +138,20 @@ class Server:
         return derived_seed(self.config.seed, "train", round_, self.client_ids[client])
 
     def start_adapter(self, state: ServerState, client: int) -> Adapter:
+        """What the client is sent (FLoRA: the last stack, to merge into its base)."""
         return self.aggregator.distribute(state.global_adapter, self.ranks_of(client), self.scale)
+
+    def downlink(self, state: ServerState, client: int) -> Payload:
+        return self.link.send(self.start_adapter(state, client), self.ranks_of(client))
+
+    def receive(self, client: int, payload: Mapping[str, torch.Tensor]) -> Adapter:
+        """The client's update decoded from its payload and checked; ``UpdateRejected`` otherwise."""
+        try:
+            update = self.link.receive(payload, self.ranks_of(client))
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise UpdateRejected(f"client {self.client_ids[client]}: malformed payload: {err}") from None
+        self.check_update(client, update)
+        return update
 
     def check_update(self, client: int, update: Mapping[str, Factors]) -> None:
         """Raise ``UpdateRejected`` unless ``update`` has the client's modules, ranks, shapes and finite values."""
@@ -113,6 +174,28 @@ class Server:
     def aggregate(self, state: ServerState, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> Adapter:
         return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale)
 
+    def advance(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> ServerState:
+        """The state after ``round_``: aggregate (if enough clients reported), merge into the base if the method does."""
+        merges = self.aggregator.merges_into_base
+        if len(updates) >= self.config.federation.min_clients:
+            new_global = self.aggregate(state, updates, weights)
+        else:
+            log.warning("round %d: %d clients reported, fewer than min_clients=%d; global model unchanged", round_, len(updates), self.config.federation.min_clients)
+            new_global = {} if merges else state.global_adapter  # FLoRA: nothing new to merge
+        base_update = self.aggregator.accumulate(state.base_update, new_global, self.scale) if merges else state.base_update
+        return ServerState(round=round_, global_adapter=new_global, metrics=state.metrics, base_update=base_update)
+
+    def global_update(self, state: ServerState) -> Adapter:
+        """The global model's update over the original base weights: the global adapter, or for
+        methods that merge into the base the cumulative merged update (zero before any merge)."""
+        if not self.aggregator.merges_into_base:
+            return state.global_adapter
+        return state.base_update or self._peft_init()
+
+    def eval_adapter(self, state: ServerState) -> Adapter:
+        """The adapter evaluated on top of the (possibly merged) base: zero when the update is merged."""
+        return self._peft_init() if self.aggregator.merges_into_base else state.global_adapter
+
     def peft_view(self, adapter: Mapping[str, Factors]) -> Adapter:
         """The global adapter with each module at the scale PEFT expects for its rank."""
         return {n: truncate(f, f.rank, self.scale(f.rank)) for n, f in adapter.items()}
@@ -134,13 +217,9 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
     tmp = root / f".tmp-round-{state.round:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors, scales = {}, {}
-    for name, f in state.global_adapter.items():
-        tensors[f"{name}.a"] = f.a.contiguous()
-        tensors[f"{name}.b"] = f.b.contiguous()
-        scales[name] = f.scale
-    save_file(tensors, str(tmp / "global.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"round": state.round, "scales": scales, "metrics": state.metrics}))
+    scales = _save_factors(tmp / "global.safetensors", state.global_adapter)
+    base_scales = _save_factors(tmp / "base_update.safetensors", state.base_update)
+    (tmp / "state.json").write_text(json.dumps({"round": state.round, "scales": scales, "base_scales": base_scales, "metrics": state.metrics}))
     with open(tmp / "state.json", "rb") as fh:
         os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
@@ -157,6 +236,23 @@ def load_checkpoint(run_dir: Path) -> ServerState | None:
         return None
     path = found[-1]
     meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "global.safetensors"))
-    adapter = {n: Factors(b=tensors[f"{n}.b"], a=tensors[f"{n}.a"], scale=s) for n, s in meta["scales"].items()}
-    return ServerState(round=meta["round"], global_adapter=adapter, metrics=meta["metrics"])
+    adapter = _load_factors(path / "global.safetensors", meta["scales"])
+    base_update = _load_factors(path / "base_update.safetensors", meta.get("base_scales", {}))
+    return ServerState(round=meta["round"], global_adapter=adapter, metrics=meta["metrics"], base_update=base_update)
+
+
+def _save_factors(path: Path, adapter: Mapping[str, Factors]) -> dict[str, float]:
+    """Write the factors bit for bit; returns the scales (kept in state.json)."""
+    tensors = {}
+    for name, f in adapter.items():
+        tensors[f"{name}.a"] = f.a.contiguous()
+        tensors[f"{name}.b"] = f.b.contiguous()
+    save_file(tensors, str(path))
+    return {name: f.scale for name, f in adapter.items()}
+
+
+def _load_factors(path: Path, scales: Mapping[str, float]) -> Adapter:
+    if not scales:
+        return {}
+    tensors = load_file(str(path))
+    return {n: Factors(b=tensors[f"{n}.b"], a=tensors[f"{n}.a"], scale=s) for n, s in scales.items()}

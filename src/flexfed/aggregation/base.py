@@ -15,18 +15,52 @@ Three class attributes tell the server and the clients what a method changes abo
 - ``mixed_ranks``: clients may train at different ranks. Methods that average factors position
   by position (FedIT, FFA-LoRA, Fed-SB, LoRA-FAIR) need one common rank; their ``aggregate``
   refuses mixed ranks and their ``distribute`` refuses any other rank.
+
+What crosses the wire is explicit, so that byte counts are measured rather than assumed: a
+method ``encode``s an adapter (a start going down, an update going up) into a ``Payload`` of
+named tensors and ``decode``s it back. Factors that every party derives from the run seed
+(``common``: FFA-LoRA's frozen A, Fed-SB's frames) are never sent; both ends rebuild them.
+Both engines train from decoded payloads and aggregate decoded payloads, so they see the same
+tensors bit for bit.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import zlib
 from typing import Callable, ClassVar, Literal, Mapping, Sequence
 
 import torch
+from torch import Tensor
 
 from flexfed.lora import Adapter, Factors
 
 Scale = Callable[[int], float]  # rank -> s(rank); built from lora.lora_scale with the run's alpha
+Payload = dict[str, Tensor]  # what crosses the wire: payload_key(module, part) -> tensor
+
+
+def payload_key(module: str, part: str) -> str:
+    return f"{module}.{part}"
+
+
+def payload_bytes(payload: Mapping[str, Tensor]) -> int:
+    """Bytes of the tensors in a payload, at their own element size."""
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+def seeded_generator(seed: int, *labels) -> torch.Generator:
+    """A generator from the run seed and labels (e.g. a module name): crc32 of the joined text,
+    stable across processes, machines and Python versions, so every party draws the same numbers."""
+    return torch.Generator().manual_seed(zlib.crc32(":".join(map(str, (seed, *labels))).encode()))
+
+
+def payload_parts(payload: Mapping[str, Tensor], modules: Sequence[str], parts: Sequence[str]) -> dict[str, dict[str, Tensor]]:
+    """``module -> part -> tensor``; raises ``ValueError`` unless the payload holds exactly these parts."""
+    expected = {payload_key(m, p) for m in modules for p in parts}
+    if set(payload) != expected:
+        diff = sorted(set(payload) ^ expected)
+        raise ValueError(f"payload does not match the modules (unexpected or missing: {diff[:3]})")
+    return {m: {p: payload[payload_key(m, p)] for p in parts} for m in modules}
 
 
 def normalized_weights(weights: Sequence[float]) -> list[float]:
@@ -144,6 +178,30 @@ class Aggregator(ABC):
         ``max_ranks`` is the largest rank any registered client uses per module: the global
         adapter keeps at least that many components so every client can be served.
         """
+
+    # ------------------------------------------------------------------ what a round exchanges
+
+    def common(self, name: str, shape: tuple[int, int], rank: int, scale: float, seed: int) -> Factors | None:
+        """Factors of module ``name`` that every party derives from the run seed and never sends
+        (None: the method sends everything)."""
+        return None
+
+    def initial(self, peft_init: Adapter, common: Mapping[str, Factors]) -> Adapter:
+        """The round-0 global adapter, given PEFT's default start (B = 0) and the common factors."""
+        return peft_init
+
+    def encode(self, adapter: Mapping[str, Factors], common: Mapping[str, Factors]) -> Payload:
+        """The tensors that carry ``adapter`` over the wire: by default both factors of every module."""
+        return {payload_key(n, p): getattr(f, p) for n, f in adapter.items() for p in ("a", "b")}
+
+    def decode(self, payload: Mapping[str, Tensor], modules: Sequence[str], common: Mapping[str, Factors], scale: Scale) -> Adapter:
+        """The adapter carried by ``payload`` (each module at the scale of its rank); ``ValueError`` if malformed."""
+        parts = payload_parts(payload, modules, ("a", "b"))
+        return {m: Factors(b=t["b"], a=t["a"], scale=scale(t["a"].shape[0])) for m, t in parts.items()}
+
+    def accumulate(self, merged: Mapping[str, Factors], global_adapter: Mapping[str, Factors], scale: Scale) -> Adapter:
+        """``merges_into_base`` methods: the cumulative base update after merging this round's global."""
+        raise NotImplementedError(f"{self.name} does not merge into the base weights")
 
     def distribute(self, global_adapter: Mapping[str, Factors], ranks: Mapping[str, int], scale: Scale) -> Adapter:
         """The adapter a client with ``ranks`` (module name -> rank) starts its round from."""

@@ -6,18 +6,20 @@ It also halves the traffic (r d numbers per matrix each way) and keeps the aggre
 what clients send, which is what differential-privacy noise and secure aggregation need. The
 aggregator checks that the A's really are identical and refuses otherwise, since a differing A
 would silently turn the exact average into FedIT's approximation.
+
+On the wire only B travels (r d numbers per matrix each way): every party rebuilds A with
+``shared_a`` (``common``), and the round-0 global adapter is B = 0 with that A.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 from torch import Tensor
 
-from flexfed.aggregation.base import Aggregator, average_with_frozen, validate
-from flexfed.lora import Adapter
+from flexfed.aggregation.base import Aggregator, average_with_frozen, payload_key, payload_parts, seeded_generator, validate
+from flexfed.lora import Adapter, Factors
 
 
 def shared_a(seed: int, name: str, rank: int, d_in: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -27,7 +29,7 @@ def shared_a(seed: int, name: str, rank: int, d_in: int, dtype: torch.dtype = to
     run seed and the module name (crc32, stable across processes and Python versions), so every
     client, in any process, draws the same A for the same module.
     """
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    generator = seeded_generator(seed, name)
     bound = 1.0 / math.sqrt(d_in)
     return ((torch.rand(rank, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
 
@@ -40,3 +42,17 @@ class FFALoRA(Aggregator):
     def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
         names, p = validate(updates, weights)
         return {n: average_with_frozen([u[n] for u in updates], p, frozen="a", method=self.name) for n in names}
+
+    def common(self, name, shape, rank, scale, seed) -> Factors:
+        d_out, d_in = shape
+        return Factors(b=torch.zeros(d_out, rank), a=shared_a(seed, name, rank, d_in), scale=scale)
+
+    def initial(self, peft_init, common) -> Adapter:
+        return dict(common)
+
+    def encode(self, adapter, common):
+        return {payload_key(n, "b"): f.b for n, f in adapter.items()}
+
+    def decode(self, payload, modules, common, scale) -> Adapter:
+        parts = payload_parts(payload, modules, ("b",))
+        return {m: Factors(b=t["b"], a=common[m].a, scale=common[m].scale) for m, t in parts.items()}

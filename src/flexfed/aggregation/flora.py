@@ -12,6 +12,12 @@ receives the R (d + k) numbers of every matrix), and each client then starts a *
 its own rank (PEFT's default init, B = 0). ``merges_into_base`` says so to the server and
 client; ``distribute`` returns the stacked adapter unchanged, i.e. what goes down the wire, and
 ``merged_delta`` / ``merge_into_base`` turn it into weight updates.
+
+The cumulative update (everything merged so far, W = W0 + ΔW) is kept as one more exact stack,
+``flora_accumulate``: the rounds' stacks concatenated, which is a PEFT LoRA adapter of the original
+base model. Once its rank would exceed min(d_out, d_in) it is re-factored by a full SVD of the
+dense ΔW at rank min(d_out, d_in) (every singular triplet kept: exact up to rounding), so it never
+grows past the size of a dense factorization.
 """
 
 from __future__ import annotations
@@ -58,9 +64,32 @@ def merge_into_base(weights: Mapping[str, Tensor], global_adapter: Mapping[str, 
     return out
 
 
+def flora_accumulate(merged: Mapping[str, Factors], stack: Mapping[str, Factors], scale: Scale) -> Adapter:
+    """``merged`` + ``stack`` as one adapter: concatenated, or re-factored at full rank by SVD (see above)."""
+    out = dict(merged)
+    for name, f in stack.items():
+        if name not in out:
+            out[name] = f
+            continue
+        total = flora_stack([out[name], f], [1.0, 1.0], scale)
+        full = min(total.shape)
+        if total.rank > full:
+            u, sv, vh = torch.linalg.svd(total.delta(torch.float64), full_matrices=False)
+            dtype = total.b.dtype
+            total = Factors(b=(u * (sv / scale(full))).to(dtype), a=vh.to(dtype), scale=scale(full))
+        out[name] = total
+    return out
+
+
 class FLoRA(Aggregator):
     name = "flora"
     merges_into_base = True
+
+    def initial(self, peft_init, common) -> Adapter:
+        return {}  # nothing merged yet, nothing to send down
+
+    def accumulate(self, merged, global_adapter, scale) -> Adapter:
+        return flora_accumulate(merged, global_adapter, scale)
 
     def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
         names, p = validate(updates, weights)

@@ -1,4 +1,11 @@
-"""The in-process simulator: every sampled client trains in turn on one shared base model."""
+"""The in-process simulator: every sampled client trains in turn on one shared base model.
+
+Starts and updates go through the method's wire payloads (``Server.downlink``, ``Link``) exactly
+as they would between machines, so bytes are measured from what is sent and the Flower engine
+trains from and aggregates the same tensors. Methods that merge into the base (FLoRA) share the
+merge too: the base weights are set to W0 + the cumulative update once before the round's
+clients train and before evaluation, instead of once per client.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +20,12 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flexfed import config as config_lib
+from flexfed.aggregation.base import Payload, payload_bytes
 from flexfed.client import ClientResult, LocalTrainer
 from flexfed.config import RunConfig
 from flexfed.evaluation import evaluate
 from flexfed.federation import Federation, build_federation, client_examples
-from flexfed.lora import Adapter, adapter_bytes, module_kind, target_shapes
+from flexfed.lora import module_kind, target_shapes
 from flexfed.models import load_model, load_tokenizer
 from flexfed.resources import client_profiles
 from flexfed.server import Server, ServerState, load_checkpoint, save_checkpoint
@@ -53,9 +61,15 @@ class Simulation:
 
     # ------------------------------------------------------------------ pieces of a round
 
+    def sync_base(self, state: ServerState) -> None:
+        """The shared base weights of ``state``'s global model (W0 + the merged update, FLoRA)."""
+        if self.server.aggregator.merges_into_base:
+            self.trainer.set_base_update(state.base_update)
+
     def evaluate(self, state: ServerState) -> dict:
         began = time.perf_counter()
-        self.trainer.activate(self.server.peft_view(state.global_adapter))
+        self.sync_base(state)
+        self.trainer.activate(self.server.peft_view(self.server.eval_adapter(state)))
         e = self.config.eval
         out = {}
         predictions = []
@@ -72,16 +86,25 @@ class Simulation:
         out["time_eval_s"] = time.perf_counter() - began
         return out
 
-    def execute(self, round_: int, starts: dict[int, Adapter], progress: Progress | None) -> dict[int, ClientResult | Exception]:
-        """Train each client from its start adapter; an engine overrides this to train elsewhere."""
-        task = progress.add_task(f"round {round_} clients", total=len(starts)) if progress else None
-        outcomes: dict[int, ClientResult | Exception] = {}
-        for c, start in starts.items():
+    def downlink(self, state: ServerState, client: int) -> Payload:
+        """What client ``client`` is sent this round; an engine may send something else."""
+        return self.server.downlink(state, client)
+
+    def execute(self, round_: int, downs: dict[int, Payload], progress: Progress | None) -> dict[int, tuple[ClientResult, Payload] | Exception]:
+        """Train each client from what it was sent; returns its result and the payload it sends back.
+        An engine overrides this to train elsewhere."""
+        task = progress.add_task(f"round {round_} clients", total=len(downs)) if progress else None
+        outcomes: dict[int, tuple[ClientResult, Payload] | Exception] = {}
+        link = self.server.link
+        for c, down in downs.items():
             shard = self.federation.clients[c]
+            ranks = self.server.ranks_of(c)
             try:
                 examples = client_examples(self.config, self.tokenizer, self.federation, shard)
                 seed = self.server.client_seed(round_, c)
-                outcomes[c] = self.trainer.train(shard.client_id, start, examples, seed, self.server.aggregator.trainable)
+                start = link.start(down, ranks, seed)
+                result = self.trainer.train(shard.client_id, start, examples, seed, link.aggregator.trainable, link.common(ranks))
+                outcomes[c] = (result, link.send(result.adapter, ranks))
             except (FloatingPointError, ValueError, RuntimeError) as err:
                 outcomes[c] = err
             if progress:
@@ -92,21 +115,23 @@ class Simulation:
 
     def train_round(self, state: ServerState, round_: int, progress: Progress | None) -> tuple[list, list, list[dict], list[dict]]:
         """Train every sampled client; returns accepted updates, their weights, client records, failures."""
-        starts = {c: self.server.start_adapter(state, c) for c in self.server.sample(round_)}
-        outcomes = self.execute(round_, starts, progress)
+        self.sync_base(state)
+        downs = {c: self.downlink(state, c) for c in self.server.sample(round_)}
+        outcomes = self.execute(round_, downs, progress)
         updates, weights, records, failures = [], [], [], []
-        for c, start in starts.items():
+        for c, down in downs.items():
             shard = self.federation.clients[c]
-            result = outcomes.get(c, TimeoutError("no reply"))
+            outcome = outcomes.get(c, TimeoutError("no reply"))
             try:
-                if isinstance(result, Exception):
-                    raise result
-                self.server.check_update(c, result.adapter)
+                if isinstance(outcome, Exception):
+                    raise outcome
+                result, up = outcome
+                update = self.server.receive(c, up)
             except Exception as err:  # noqa: BLE001 - any client failure only drops that client
                 log.warning("round %d: client %s left out: %s", round_, shard.client_id, err)
-                failures.append({"id": shard.client_id, "reason": f"{type(err).__name__}: {err}", "bytes_down": adapter_bytes(start)})
+                failures.append({"id": shard.client_id, "reason": f"{type(err).__name__}: {err}", "bytes_down": payload_bytes(down)})
                 continue
-            updates.append(result.adapter)
+            updates.append(update)
             weights.append(result.num_examples)
             records.append(
                 {
@@ -118,8 +143,8 @@ class Simulation:
                     "tokens": result.tokens,
                     "seconds": result.seconds,
                     "loss": result.loss,
-                    "bytes_down": adapter_bytes(start),
-                    "bytes_up": adapter_bytes(result.adapter),
+                    "bytes_down": payload_bytes(down),
+                    "bytes_up": payload_bytes(up),
                 }
             )
         return updates, weights, records, failures
@@ -129,13 +154,8 @@ class Simulation:
         updates, weights, records, failures = self.train_round(state, round_, progress)
         time_train = time.perf_counter() - began
         t0 = time.perf_counter()
-        if len(updates) >= self.config.federation.min_clients:
-            new_global = self.server.aggregate(state, updates, weights)
-        else:
-            log.warning("round %d: %d clients reported, fewer than min_clients=%d; global adapter unchanged", round_, len(updates), self.config.federation.min_clients)
-            new_global = state.global_adapter
+        state = self.server.advance(state, round_, updates, weights)
         time_aggregate = time.perf_counter() - t0
-        state = ServerState(round=round_, global_adapter=new_global, metrics=state.metrics)
         total = sum(r["examples"] for r in records)
         record = {
             "round": round_,
@@ -166,7 +186,7 @@ class Simulation:
 
     def persist(self, state: ServerState) -> None:
         """Adapter, metrics line and checkpoint of a finished round, checkpoint last."""
-        self.server.save_global(self.run_dir / "adapters" / f"round-{state.round:04d}", state.global_adapter)
+        self.server.save_global(self.run_dir / "adapters" / f"round-{state.round:04d}", self.server.global_update(state))
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(state.metrics[-1]) + "\n")
         save_checkpoint(self.run_dir, state)

@@ -6,9 +6,10 @@ Two message types:
   hosts. The node answers from its node config (``flower-supernode --node-config``):
   ``clients="id1,id2"`` names them, or ``partition-id=P num-partitions=N`` takes every client
   whose index is P modulo N (Flower's simulation engine sets these two itself).
-- ``train``: train one hosted client from the start adapter in the message, with the seed the
-  server derived for this round and client and only the factors the method trains (``trainable``),
-  and reply with the trained factors.
+- ``train``: train one hosted client from the method's payload in the message (``Link.start``:
+  e.g. FFA-LoRA's B with the A every party derives from the seed; for FLoRA the cumulative update
+  to merge into the node's base, then a fresh LoRA), with the seed the server derived for this
+  round and client, and reply with the method's payload of the trained adapter.
 
 Every train message carries the run's resolved config (YAML), so a node needs nothing but
 flexfed and, for file-based data, ``data.path`` (or ``data-path`` in its node config). The
@@ -30,18 +31,18 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 log = logging.getLogger(__name__)
 
-CONFIG = "flexfed"  # ConfigRecord: run config, client, round, seed, adapter meta
-ADAPTER = "adapter"  # ArrayRecord: the LoRA factors
-RESULT = "result"  # ConfigRecord of a reply: client, training statistics, adapter meta
+CONFIG = "flexfed"  # ConfigRecord: run config, client, round, seed, payload meta
+ADAPTER = "adapter"  # ArrayRecord: the method's payload (LoRA factors, B alone, Fed-SB's core, ...)
+RESULT = "result"  # ConfigRecord of a reply: client, training statistics, payload dtype
 SOCKET_KEY = "trainer-socket"
-META_KEYS = ("modules", "scales", "dtype")
+META_KEYS = ("modules", "ranks", "dtype")
 
 
 class NodeConfigError(ValueError):
@@ -75,6 +76,7 @@ class NodeRuntime:
     tokenizer: object
     federation: object
     _trainer: object = None
+    _link: object = None
 
     @property
     def trainer(self):
@@ -83,12 +85,21 @@ class NodeRuntime:
 
             from flexfed.client import LocalTrainer
             from flexfed.engines.simulation import pick_device
+            from flexfed.lora import target_shapes
             from flexfed.models import load_model
+            from flexfed.server import Link
 
             c = self.config
             model = load_model(c.model.name, dtype=getattr(torch, c.model.dtype), seed=c.seed)
+            self._link = Link.from_config(c, target_shapes(model, c.lora.target_modules))
             self._trainer = LocalTrainer(model, c.lora, c.training, self.tokenizer.pad_token_id, pick_device(c.device))
         return self._trainer
+
+    @property
+    def link(self):
+        """This node's end of the exchange (the method, the model's shapes, the run seed)."""
+        self.trainer  # noqa: B018 - built with the trainer, from the model's shapes
+        return self._link
 
     def shard(self, client_id: str):
         for shard in self.federation.clients:
@@ -113,8 +124,9 @@ def runtime(config_yaml: str, node_config: Mapping) -> NodeRuntime:
     if node_config.get("device"):
         update["device"] = str(node_config["device"])
     config = config.model_copy(update=update) if update else config
-    # Only what changes the model, the data or the training decides whether to rebuild.
-    relevant = config.model_dump(mode="json", include={"seed", "device", "model", "data", "lora", "training", "eval"})
+    # Only what changes the model, the data, the training or the payloads decides whether to rebuild.
+    fields = {k: True for k in ("seed", "device", "model", "data", "lora", "training", "eval")}
+    relevant = config.model_dump(mode="json", include={**fields, "federation": {"method", "method_options"}})
     key = hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()
     if key not in _RUNTIMES:
         from flexfed.federation import build_federation
@@ -126,23 +138,29 @@ def runtime(config_yaml: str, node_config: Mapping) -> NodeRuntime:
     return _RUNTIMES[key]
 
 
-def train_client(
-    config_yaml: str, node_config: Mapping, client_id: str, seed: int, arrays: Mapping, meta: Mapping, trainable: Sequence[str] = ("a", "b")
-) -> tuple[dict, dict]:
-    """Train ``client_id`` from the start adapter in ``arrays`` (only the ``trainable`` factors);
-    NumPy arrays in, (stats, arrays) out."""
-    from flexfed.engines.flower.wire import decode_arrays, encode_arrays
+def train_client(config_yaml: str, node_config: Mapping, client_id: str, seed: int, arrays: Mapping, meta: Mapping) -> tuple[dict, dict]:
+    """Train ``client_id`` from the payload in ``arrays`` (``meta``: its dtype and the client's
+    modules and ranks); NumPy arrays in, (stats, arrays of the update's payload) out."""
+    from flexfed.engines.flower.wire import decode_payload, encode_payload
     from flexfed.federation import client_examples
 
     rt = runtime(config_yaml, node_config)
     if client_id not in hosted_clients([c.client_id for c in rt.federation.clients], node_config):
         raise NodeConfigError(f"client {client_id} is not hosted by this node")
-    start = decode_arrays(arrays, meta["modules"], meta["scales"], str(meta["dtype"]))
+    payload = decode_payload(arrays, str(meta["dtype"]))
+    ranks = {str(m): int(r) for m, r in zip(meta["modules"], meta["ranks"], strict=True)}
+    link, trainer = rt.link, rt.trainer
+    if link.aggregator.merges_into_base:
+        # FLoRA on Flower: the payload is the whole cumulative update (see serverapp), merged here.
+        trainer.set_base_update(link.receive(payload, ranks) if payload else None)
+    else:
+        trainer.set_base_update(None)  # a trainer that served FLoRA before gets its W0 back
     shard = rt.shard(client_id)
     began = time.perf_counter()
     examples = client_examples(rt.config, rt.tokenizer, rt.federation, shard)
-    result = rt.trainer.train(client_id, start, examples, seed, tuple(str(t) for t in trainable))
-    out, out_meta = encode_arrays(result.adapter)
+    start = link.start(payload, ranks, seed)
+    result = trainer.train(client_id, start, examples, seed, link.aggregator.trainable, link.common(ranks))
+    out, out_meta = encode_payload(link.send(result.adapter, ranks))
     stats = {
         "client": client_id,
         "num_examples": int(result.num_examples),
@@ -177,7 +195,6 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content.config_records[CONFIG]
     node_config = {k: v for k, v in context.node_config.items() if k != SOCKET_KEY}
     meta = {k: cfg[k] for k in META_KEYS}
-    trainable = [str(t) for t in cfg["trainable"]]
     socket_path = context.node_config.get(SOCKET_KEY)
     if socket_path:
         from flexfed.engines.flower import worker
@@ -188,13 +205,12 @@ def train(msg: Message, context: Context) -> Message:
             "client": str(cfg["client"]),
             "seed": int(cfg["seed"]),
             "meta": meta,
-            "trainable": trainable,
             "node_config": node_config,
         }
         answer, blobs = worker.request(str(socket_path), header, wire.record_to_blobs(msg.content.array_records[ADAPTER]))
         stats, record = answer["stats"], wire.blobs_to_record(blobs)
     else:
         adapter = wire.from_record(msg.content.array_records[ADAPTER])
-        stats, arrays = train_client(str(cfg["config"]), node_config, str(cfg["client"]), int(cfg["seed"]), adapter, meta, trainable)
+        stats, arrays = train_client(str(cfg["config"]), node_config, str(cfg["client"]), int(cfg["seed"]), adapter, meta)
         record = wire.to_record(arrays)
     return Message(RecordDict({ADAPTER: record, RESULT: ConfigRecord(stats)}), reply_to=msg)

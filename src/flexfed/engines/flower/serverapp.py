@@ -1,14 +1,22 @@
 """The Flower ServerApp: flexfed's round, with clients trained on SuperNodes.
 
 ``FlowerEngine`` is the in-process ``Simulation`` with one method replaced: ``execute`` sends
-one Message per sampled client (that client's own rank-r factors as an ``ArrayRecord``) to
-the SuperNode hosting it and collects the replies until the round's deadline. Sampling, start
+one Message per sampled client (the method's payload for that client, e.g. its own rank-r
+factors, as an ``ArrayRecord``) to the SuperNode hosting it and collects the replies until the
+round's deadline. Sampling, start
 adapters, update checks, aggregation, evaluation, metrics, adapters and checkpoints are the
 simulator's, so both engines write the same run directory from the same config.
 
 A client whose node does not answer in time, crashed, disconnected or replied with something
 that is not a well-formed adapter is left out of the round (logged with the client and node
 ids). Every decoded update still goes through ``Server.check_update`` before aggregation.
+
+FLoRA differs from the simulator in what goes down. The method assumes every client receives
+every round's stack and merges it into its base; a SuperNode keeps no base between rounds (and a
+client may not have been sampled last round), so a client is sent the whole *cumulative* update
+(``base_update``: the rounds' stacks concatenated, at most rank min(d, k) per matrix) and merges
+it into the original base. The result is bit for bit the simulator's; ``bytes_down`` counts what
+is sent, which exceeds the method's (Σ r_j)(d + k) per matrix from round 2 on.
 """
 
 from __future__ import annotations
@@ -25,9 +33,9 @@ from flexfed import config as config_lib
 from flexfed.client import ClientResult
 from flexfed.config import RunConfig
 from flexfed.engines.flower.clientapp import ADAPTER, CONFIG, RESULT
-from flexfed.engines.flower.wire import array_bytes, decode_adapter, encode_adapter, message_bytes
+from flexfed.aggregation.base import Payload
+from flexfed.engines.flower.wire import array_bytes, decode_payload, encode_payload, from_record, message_bytes, to_record
 from flexfed.engines.simulation import Simulation
-from flexfed.lora import Adapter
 from flexfed.server import UpdateRejected
 
 log = logging.getLogger(__name__)
@@ -197,18 +205,25 @@ class FlowerEngine(Simulation):
 
     # ------------------------------------------------------------------ messages
 
-    def _train_message(self, round_: int, c: int, start: Adapter) -> Message:
-        arrays, meta = encode_adapter(start)
+    def downlink(self, state, client):
+        if self.server.aggregator.merges_into_base:  # the cumulative update, see the module docstring
+            return self.server.link.send(state.base_update, self.server.ranks_of(client))
+        return super().downlink(state, client)
+
+    def _train_message(self, round_: int, c: int, down: Payload) -> Message:
+        arrays, meta = encode_payload(down)
+        modules = sorted(self.server.ranks_of(c))
         task = {
             "config": self.config_yaml,
             "client": self.federation.clients[c].client_id,
             "round": round_,
             "seed": self.server.client_seed(round_, c),
-            "trainable": list(self.server.aggregator.trainable),
+            "modules": modules,
+            "ranks": [self.server.ranks_of(c)[m] for m in modules],
             **meta,
         }
         message = Message(
-            RecordDict({ADAPTER: arrays, CONFIG: ConfigRecord(task)}),
+            RecordDict({ADAPTER: to_record(arrays), CONFIG: ConfigRecord(task)}),
             dst_node_id=self.host[c],
             message_type="train",
             group_id=str(round_),
@@ -217,16 +232,16 @@ class FlowerEngine(Simulation):
         self._wire[task["client"]]["wire_bytes_down"] = message_bytes(message)
         return message
 
-    def _decode(self, c: int, reply: Message) -> ClientResult:
+    def _decode(self, c: int, reply: Message) -> tuple[ClientResult, Payload]:
         client_id = self.federation.clients[c].client_id
         try:
             stats = reply.content.config_records[RESULT]
             if str(stats["client"]) != client_id:
                 raise UpdateRejected(f"reply is for client {stats['client']}, expected {client_id}")
-            adapter = decode_adapter(reply.content.array_records[ADAPTER], stats["modules"], stats["scales"], str(stats["dtype"]))
+            payload = decode_payload(from_record(reply.content.array_records[ADAPTER]), str(stats["dtype"]))
             result = ClientResult(
                 client_id=client_id,
-                adapter=adapter,
+                adapter={},  # the server decodes the update from the payload (Server.receive)
                 num_examples=int(stats["num_examples"]),
                 loss=float(stats["loss"]),
                 tokens=int(stats["tokens"]),
@@ -240,24 +255,24 @@ class FlowerEngine(Simulation):
         if result.num_examples <= 0:
             raise UpdateRejected(f"client {client_id}: reports {result.num_examples} training examples")
         self._wire[client_id]["wire_bytes_up"] = message_bytes(reply)
-        self._wire[client_id]["array_bytes_up"] = array_bytes(adapter)
-        return result
+        self._wire[client_id]["array_bytes_up"] = array_bytes(payload)
+        return result, payload
 
     # ------------------------------------------------------------------ the engine hook
 
-    def execute(self, round_, starts, progress):
+    def execute(self, round_, downs, progress):
         self.refresh_hosts()
-        outcomes: dict[int, ClientResult | Exception] = {}
+        outcomes: dict[int, tuple[ClientResult, Payload] | Exception] = {}
         order, items = [], []
-        for c, start in starts.items():
+        for c, down in downs.items():
             client_id = self.federation.clients[c].client_id
             if c not in self.host:
                 outcomes[c] = NodeFailure(f"no connected SuperNode hosts client {client_id}")
                 continue
-            self._wire[client_id] = {"node": str(self.host[c]), "array_bytes_down": array_bytes(start)}
-            items.append((len(order), self.host[c], lambda c=c, start=start: self._train_message(round_, c, start)))
+            self._wire[client_id] = {"node": str(self.host[c]), "array_bytes_down": array_bytes(down)}
+            items.append((len(order), self.host[c], lambda c=c, down=down: self._train_message(round_, c, down)))
             order.append(c)
-        task = progress.add_task(f"round {round_} clients", total=len(starts)) if progress else None
+        task = progress.add_task(f"round {round_} clients", total=len(downs)) if progress else None
         advance = (lambda _key: progress.advance(task)) if progress else None
         exchange = Exchange(self.grid, items, self.config.flower.round_timeout, per_node=self.config.flower.node_concurrency)
         replies = exchange.wait(on_reply=advance)

@@ -1,12 +1,14 @@
-"""Adapters on the wire: LoRA factors in and out of NumPy arrays and Flower ``ArrayRecord``s, and their size.
+"""Payloads on the wire: a method's tensors in and out of NumPy arrays and Flower ``ArrayRecord``s, and their size.
 
-Every factor travels as one NumPy array serialised with ``np.save(..., allow_pickle=False)``
-(what Flower's ``Array`` does); nothing is ever unpickled. NumPy has no bfloat16, so bfloat16
-factors travel as float32, which holds every bfloat16 value exactly, and are cast back.
+What a method sends is its ``Payload`` (``Aggregator.encode``: name -> tensor, e.g. both LoRA
+factors, FFA-LoRA's B alone, Fed-SB's r x r core). Every tensor travels as one NumPy array
+serialised with ``np.save(..., allow_pickle=False)`` (what Flower's ``Array`` does); nothing is
+ever unpickled. NumPy has no bfloat16, so bfloat16 tensors travel as float32, which holds every
+bfloat16 value exactly, and are cast back.
 
-Decoding is strict about the form (exactly the announced modules, two 2-D arrays of the
-announced dtype each, positive finite scales); whether ranks, shapes and values suit the
-client is ``Server.check_update``'s job, which every decoded update goes through.
+Decoding here is strict about the form (2-D arrays of the announced dtype); whether the names
+and shapes make an adapter is ``Aggregator.decode``'s job, and whether that adapter suits the
+client is ``Server.check_update``'s, which every decoded update goes through.
 
 ``torch`` is imported only where tensors are made, so a relaying ClientApp never loads it.
 """
@@ -14,89 +16,60 @@ client is ``Server.check_update``'s job, which every decoded update goes through
 from __future__ import annotations
 
 import io
-import math
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, Message
+    from torch import Tensor
 
-    from flexfed.lora import Adapter, Factors
-
-# dtype of the factors -> dtype of their arrays on the wire
+# dtype of the tensors -> dtype of their arrays on the wire
 WIRE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32", "float64": "float64"}
 NPY = "numpy.ndarray"  # Flower's stype for np.save'd arrays
 
 
 class WireError(ValueError):
-    """Arrays that are not a well-formed adapter."""
+    """Arrays that are not a well-formed payload."""
 
 
-def key(module: str, factor: str) -> str:
-    return f"{module}.{factor}"
-
-
-# ----------------------------------------------------------------------------- adapter <-> NumPy
+# ----------------------------------------------------------------------------- payload <-> NumPy
 
 
 def _dtype_name(t) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def encode_arrays(adapter: Mapping[str, Factors]) -> tuple[dict[str, np.ndarray], dict]:
-    """(arrays, meta): one array per factor, and the module order, scales and dtype to send beside them."""
+def encode_payload(payload: Mapping[str, Tensor]) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, meta): one array per tensor, and the dtype to announce beside them."""
     import torch
 
-    modules = sorted(adapter)
-    dtypes = {_dtype_name(adapter[m].a) for m in modules} | {_dtype_name(adapter[m].b) for m in modules}
-    if len(dtypes) != 1:
-        raise WireError(f"an adapter must have one dtype, got {sorted(dtypes)}")
-    (dtype,) = dtypes
+    dtypes = {_dtype_name(t) for t in payload.values()}
+    if len(dtypes) > 1:
+        raise WireError(f"a payload must have one dtype, got {sorted(dtypes)}")
+    dtype = dtypes.pop() if dtypes else "float32"
     if dtype not in WIRE_DTYPES:
-        raise WireError(f"cannot send {dtype} factors")
+        raise WireError(f"cannot send {dtype} tensors")
     wire = getattr(torch, WIRE_DTYPES[dtype])
-    arrays = {}
-    for m in modules:
-        f = adapter[m]
-        arrays[key(m, "a")] = f.a.detach().to("cpu", wire).contiguous().numpy()
-        arrays[key(m, "b")] = f.b.detach().to("cpu", wire).contiguous().numpy()
-    return arrays, {"modules": modules, "scales": [float(adapter[m].scale) for m in modules], "dtype": dtype}
+    arrays = {k: payload[k].detach().to("cpu", wire).contiguous().numpy() for k in sorted(payload)}
+    return arrays, {"dtype": dtype}
 
 
-def decode_arrays(arrays: Mapping[str, np.ndarray], modules: Sequence[str], scales: Sequence[float], dtype: str) -> Adapter:
-    """The adapter in ``arrays``; raises ``WireError`` unless it is exactly what the meta announced."""
+def decode_payload(arrays: Mapping[str, np.ndarray], dtype: str) -> dict[str, Tensor]:
+    """The tensors in ``arrays``; raises ``WireError`` unless each is a 2-D array of the announced dtype."""
     import torch
 
-    from flexfed.lora import Factors
-
     if dtype not in WIRE_DTYPES:
-        raise WireError(f"factors of dtype {dtype!r} are not accepted")
-    modules, scales = [str(m) for m in modules], list(scales)
-    if len(modules) != len(scales) or len(set(modules)) != len(modules):
-        raise WireError(f"{len(modules)} module names for {len(scales)} scales (or repeated names)")
-    expected = {key(m, f) for m in modules for f in ("a", "b")}
-    if set(arrays) != expected:
-        diff = sorted(set(arrays) ^ expected)
-        raise WireError(f"arrays do not match the announced modules (unexpected or missing: {diff[:3]})")
+        raise WireError(f"tensors of dtype {dtype!r} are not accepted")
     wire_dtype = np.dtype(WIRE_DTYPES[dtype])
     target = getattr(torch, dtype)
-    adapter = {}
-    for m, s in zip(modules, scales):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            raise WireError(f"{m}: scale {s!r} is not a positive number")
-        tensors = {}
-        for f in ("a", "b"):
-            value = arrays[key(m, f)]
-            if not isinstance(value, np.ndarray) or value.dtype != wire_dtype or value.ndim != 2:
-                got = f"{value.dtype} array of {value.ndim} dimensions" if isinstance(value, np.ndarray) else type(value).__name__
-                raise WireError(f"{m}.{f}: {got}, expected a 2-D {wire_dtype} array")
-            tensors[f] = torch.from_numpy(np.array(value, copy=True)).to(target)
-        try:
-            adapter[m] = Factors(b=tensors["b"], a=tensors["a"], scale=float(s))
-        except ValueError as err:
-            raise WireError(f"{m}: {err}") from None
-    return adapter
+    out = {}
+    for k, value in arrays.items():
+        if not isinstance(value, np.ndarray) or value.dtype != wire_dtype or value.ndim != 2:
+            got = f"{value.dtype} array of {value.ndim} dimensions" if isinstance(value, np.ndarray) else type(value).__name__
+            raise WireError(f"{k}: {got}, expected a 2-D {wire_dtype} array")
+        out[k] = torch.from_numpy(np.array(value, copy=True)).to(target)
+    return out
 
 
 # ----------------------------------------------------------------------------- NumPy <-> npy bytes <-> Flower
@@ -146,25 +119,12 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: npy_load(v) for k, v in record_to_blobs(record).items()}
 
 
-def encode_adapter(adapter: Mapping[str, Factors]) -> tuple[ArrayRecord, dict]:
-    arrays, meta = encode_arrays(adapter)
-    return to_record(arrays), meta
-
-
-def decode_adapter(record: ArrayRecord, modules: Sequence[str], scales: Sequence[float], dtype: str) -> Adapter:
-    return decode_arrays(from_record(record), modules, scales, dtype)
-
-
 # ----------------------------------------------------------------------------- sizes
 
 
-def array_bytes(adapter: Mapping[str, Factors]) -> int:
-    """Raw bytes of the factors as they travel (bfloat16 counted as the float32 it is sent as)."""
-    total = 0
-    for f in adapter.values():
-        size = np.dtype(WIRE_DTYPES[_dtype_name(f.a)]).itemsize
-        total += (f.a.numel() + f.b.numel()) * size
-    return total
+def array_bytes(payload: Mapping[str, Tensor]) -> int:
+    """Raw bytes of the tensors as they travel (bfloat16 counted as the float32 it is sent as)."""
+    return sum(t.numel() * np.dtype(WIRE_DTYPES[_dtype_name(t)]).itemsize for t in payload.values())
 
 
 def object_bytes(obj) -> int:

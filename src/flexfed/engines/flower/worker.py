@@ -120,7 +120,6 @@ class Worker:
             int(header["seed"]),
             arrays,
             header["meta"],
-            header.get("trainable", ("a", "b")),
         )
         return {"ok": True, "stats": stats}, {k: npy_bytes(v) for k, v in out.items()}
 
