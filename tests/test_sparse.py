@@ -59,3 +59,46 @@ def test_sparse_delta_trains_only_the_chosen_entries_and_detach_restores_the_bas
     assert params["l"].grad is not None and params["l"].grad.shape == (len(idx["l"]),)
     detach({"l": linear})
     assert torch.equal(linear.weight, base) and not linear.weight.requires_grad
+
+
+def test_slora_stage_then_flexlora_runs_resumes_bit_exact_and_accounts_bytes(tiny_config):
+    import json
+
+    from safetensors.torch import load_file
+
+    from flexfed.engines.simulation import Simulation
+    from flexfed.server import load_checkpoint
+
+    overrides = ["federation.method=flexlora", "resources.distribution=uniform", "federation.rounds=3",
+                 "federation.sparse_stage.rounds=2", "federation.sparse_stage.density=0.05"]
+    config = tiny_config("name=slora", *overrides)
+    sim = Simulation(config)
+    run_dir = sim.run(show_progress=False, stop_after=1)
+    mid = load_checkpoint(run_dir)
+    assert mid.round == 1 and mid.sparse and all(v.abs().sum() > 0 for v in mid.sparse.values())
+    Simulation(config).run(resume=True, show_progress=False)
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [m.get("stage") for m in metrics] == [None, "sparse", "sparse", "lora"]
+    values = sum(len(i) for i in sim.server.sparse_indices.values()) * 4
+    for m in metrics[1:3]:
+        assert all(c["bytes_up"] == c["bytes_down"] == values for c in m["clients"])
+    end = load_checkpoint(run_dir)
+    assert not end.sparse and any(f.b.abs().sum() > 0 for f in end.global_adapter.values())
+
+    straight = Simulation(tiny_config("name=slora-straight", *overrides)).run(show_progress=False)
+    a = load_file(str(run_dir / "adapters/round-0003/adapter_model.safetensors"))
+    b = load_file(str(straight / "adapters/round-0003/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sparse_stage_is_refused_where_it_cannot_run(tiny_config):
+    from flexfed.config import ConfigError
+    from flexfed.engines.flower.serverapp import check_supported
+    from flexfed.engines.simulation import Simulation
+
+    with pytest.raises((ConfigError, ValueError), match="sparse_stage.rounds"):
+        tiny_config("federation.rounds=2", "federation.sparse_stage.rounds=2")
+    with pytest.raises(ValueError, match="needs a method that trains both factors"):
+        Simulation(tiny_config("federation.method=ffa-lora", "federation.rounds=2", "federation.sparse_stage.rounds=1"))
+    with pytest.raises(ValueError, match="simulation engine only"):
+        check_supported(tiny_config("federation.rounds=2", "federation.sparse_stage.rounds=1"))

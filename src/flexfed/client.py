@@ -34,6 +34,7 @@ class ClientResult:
     tokens: int  # real (non-padding) tokens processed
     seconds: float
     losses: list[float] = field(default_factory=list)
+    sparse: dict[str, torch.Tensor] = field(default_factory=dict)  # SLoRA's sparse stage: values trained
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -175,12 +176,46 @@ class LocalTrainer:
         frames: Mapping[str, Factors] | None = None,
     ) -> ClientResult:
         """Train from ``start`` on ``examples``; deterministic for a given ``seed`` (``frames``: see ``activate``)."""
-        if not examples:
-            raise ValueError(f"client {client_id}: no training examples")
         began = time.perf_counter()
         name = self.activate(start, trainable, frames)
-        model = self.peft_model
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        losses, tokens = self._fit(client_id, self.peft_model, params, examples, seed)
+        return ClientResult(
+            client_id=client_id,
+            adapter=get_adapter(self.peft_model, adapter_name=name),
+            num_examples=len(examples),
+            loss=sum(losses) / len(losses),
+            tokens=tokens,
+            seconds=time.perf_counter() - began,
+            losses=losses,
+        )
+
+    def train_sparse(self, client_id: str, indices: Mapping[str, torch.Tensor], examples: Sequence[EncodedExample], seed: int) -> ClientResult:
+        """SLoRA's first stage: train a change to the ``indices`` entries of each adapted base
+        weight, on top of the current base, with LoRA switched off; ``sparse`` holds the change."""
+        from flexfed import sparse
+
+        began = time.perf_counter()
+        linears = {n: self._base_linear(n) for n in indices}
+        params = sparse.attach(linears, indices, sparse.zero_update(indices))
+        try:
+            if self.peft_model is not None:
+                for p in self.peft_model.parameters():
+                    if p.requires_grad and all(p is not q for q in params.values()):
+                        p.requires_grad_(False)
+                with self.peft_model.disable_adapter():
+                    losses, tokens = self._fit(client_id, self.peft_model, list(params.values()), examples, seed)
+            else:
+                losses, tokens = self._fit(client_id, self.base_model, list(params.values()), examples, seed)
+            values = {n: p.detach().cpu().clone() for n, p in params.items()}
+        finally:
+            sparse.detach(linears)
+        return ClientResult(client_id, {}, len(examples), sum(losses) / len(losses), tokens, time.perf_counter() - began, losses, values)
+
+    def _fit(self, client_id: str, model, params: list[torch.Tensor], examples: Sequence[EncodedExample], seed: int) -> tuple[list[float], int]:
+        """The local optimisation loop: per-step losses and real tokens processed."""
+        if not examples:
+            raise ValueError(f"client {client_id}: no training examples")
         optimizer = self._optimizer(params)
         rng = random.Random(seed)
         torch.manual_seed(seed)
@@ -205,30 +240,35 @@ class LocalTrainer:
             losses.append(loss.item())
             tokens += int(batch["attention_mask"].sum())
         model.eval()
-        return ClientResult(
-            client_id=client_id,
-            adapter=get_adapter(model, adapter_name=name),
-            num_examples=len(examples),
-            loss=sum(losses) / len(losses),
-            tokens=tokens,
-            seconds=time.perf_counter() - began,
-            losses=losses,
-        )
+        return losses, tokens
 
     def set_base_update(self, update: Mapping[str, Factors] | None) -> None:
-        """Base weights W0 + s B A for the modules in ``update`` (FLoRA merges the global update into
-        the base); None or empty restores W0. W0 is kept aside on first use, so merging is never
-        compounded and the same update always gives the same weights, bit for bit."""
-        from flexfed.aggregation.flora import merge_into_base
+        """Base weights W0 + s B A for the modules in ``update`` (FLoRA merges the global update
+        into the base); None or empty restores W0."""
+        work = torch.promote_types(self.base_model.dtype, torch.float32)
+        self.set_base_delta({n: f.delta(work) for n, f in (update or {}).items()})
 
+    def set_base_delta(self, deltas: Mapping[str, torch.Tensor] | None) -> None:
+        """Base weights W0 + delta for the modules in ``deltas``, the others W0 (None: all W0).
+
+        W0 is kept aside on first use, so updates are never compounded and the same delta always
+        gives the same weights, bit for bit."""
         if self._base_weights is None:
-            if not update:
+            if not deltas:
                 return
-            self._base_weights = {n: self._base_linear(n).weight.detach().clone() for n in update}
-        merged = merge_into_base(self._base_weights, {n: Factors(f.b.to(self.device), f.a.to(self.device), f.scale) for n, f in (update or {}).items()})
+            self._base_weights = {n: self._base_linear(n).weight.detach().clone() for n in deltas}
+        deltas = deltas or {}
+        unknown = sorted(set(deltas) - set(self._base_weights))
+        if unknown:
+            raise KeyError(f"no base weight kept for {unknown[:3]}")
         with torch.no_grad():
             for n, w0 in self._base_weights.items():
-                self._base_linear(n).weight.copy_(merged.get(n, w0))
+                weight = self._base_linear(n).weight
+                if n in deltas:
+                    work = torch.promote_types(w0.dtype, torch.float32)
+                    weight.copy_((w0.to(work) + deltas[n].to(device=w0.device, dtype=work)).to(w0.dtype))
+                else:
+                    weight.copy_(w0)
 
     def _base_linear(self, name: str) -> torch.nn.Linear:
         module = self.base_model.get_submodule(name)

@@ -95,12 +95,26 @@ class TrainingConfig(_Section):
         return self
 
 
+class SparseStageConfig(_Section):
+    """SLoRA's first stage: ``rounds`` rounds of sparse fine-tuning before LoRA (0: none)."""
+
+    rounds: int = Field(0, ge=0)
+    density: float = Field(0.01, gt=0, le=1)  # share of each adapted weight's entries trained
+
+
 class FederationConfig(_Section):
     method: str = "fedit"
     method_options: dict[str, Any] = Field(default_factory=dict)
     rounds: int = Field(3, ge=1)
     sample_fraction: float = Field(0.1, gt=0, le=1)
     min_clients: int = Field(1, ge=1)  # a round with fewer successful clients keeps the old global adapter
+    sparse_stage: SparseStageConfig = Field(default_factory=SparseStageConfig)
+
+    @model_validator(mode="after")
+    def _lora_rounds_left(self):
+        if self.sparse_stage.rounds >= self.rounds:
+            raise ValueError(f"federation.sparse_stage.rounds ({self.sparse_stage.rounds}) must leave LoRA rounds: it is not below federation.rounds ({self.rounds})")
+        return self
 
 
 class EvalConfig(_Section):

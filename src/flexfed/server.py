@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from flexfed import sparse
 from flexfed.aggregation import Aggregator, get_aggregator
 from flexfed.aggregation.base import Payload, truncate
 from flexfed.config import RunConfig
@@ -49,6 +50,8 @@ class ServerState:
     # Methods that merge into the base (FLoRA): the cumulative update, W = W0 + base_update.
     # ``global_adapter`` is then the last round's stack, what clients receive next.
     base_update: Adapter = field(default_factory=dict)
+    # SLoRA's sparse stage: the cumulative sparse update's values (empty outside the stage).
+    sparse: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Link:
@@ -115,6 +118,10 @@ class Server:
         if not self.aggregator.mixed_ranks and len({tuple(sorted(p.ranks.items())) for p in self.profiles}) > 1:
             raise ValueError(f"federation.method {method!r} needs one common rank; resources.distribution={config.resources.distribution!r} mixes ranks")
         self.link = Link(self.aggregator, self.shapes, config.lora.alpha, config.lora.rslora, config.seed)
+        stage = config.federation.sparse_stage
+        if stage.rounds and (self.aggregator.merges_into_base or tuple(self.aggregator.trainable) != ("a", "b")):
+            raise ValueError(f"federation.sparse_stage (SLoRA) starts LoRA from an SVD: it needs a method that trains both factors, not {method!r}")
+        self.sparse_indices = sparse.sparse_indices(self.shapes, stage.density, derived_seed(config.seed, "sparse")) if stage.rounds else {}
 
     def scale(self, rank: int) -> float:
         return lora_scale(rank, self.config.lora.alpha, self.config.lora.rslora)
@@ -185,6 +192,41 @@ class Server:
         base_update = self.aggregator.accumulate(state.base_update, new_global, self.scale) if merges else state.base_update
         return ServerState(round=round_, global_adapter=new_global, metrics=state.metrics, base_update=base_update)
 
+    def in_sparse_stage(self, round_: int) -> bool:
+        return round_ <= self.config.federation.sparse_stage.rounds
+
+    def check_sparse(self, client: int, values: Mapping[str, torch.Tensor]) -> None:
+        """``UpdateRejected`` unless ``values`` has one finite value per chosen entry of every module."""
+        who = f"client {self.client_ids[client]}"
+        if set(values) != set(self.sparse_indices):
+            raise UpdateRejected(f"{who}: wrong modules in its sparse update: {sorted(set(values) ^ set(self.sparse_indices))[:3]}")
+        for name, v in values.items():
+            if v.shape != self.sparse_indices[name].shape or not v.is_floating_point() or not torch.isfinite(v).all():
+                raise UpdateRejected(f"{who}: {name} sparse values have shape {tuple(v.shape)}, expected {tuple(self.sparse_indices[name].shape)} finite floats")
+
+    def advance_sparse(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> ServerState:
+        """A sparse-stage round: add the clients' mean change; after the stage's last round, start
+        LoRA from the best rank-r_max approximation of the whole sparse update."""
+        values = state.sparse or sparse.zero_update(self.sparse_indices)
+        if len(updates) >= self.config.federation.min_clients:
+            mean = sparse.average_updates(updates, weights)
+            values = {n: values[n] + mean[n] for n in values}
+        else:
+            log.warning("round %d: %d clients reported, fewer than min_clients=%d; sparse update unchanged", round_, len(updates), self.config.federation.min_clients)
+        if self.in_sparse_stage(round_ + 1):
+            return ServerState(round=round_, global_adapter=state.global_adapter, metrics=state.metrics, sparse=values)
+        adapter, kept = sparse.lora_start(self.shapes, self.sparse_indices, values, self.max_ranks, self.scale)
+        log.info("round %d: sparse stage over; LoRA starts from its rank-r_max SVD, keeping %.1f%% of its energy", round_, 100 * kept)
+        return ServerState(round=round_, global_adapter=adapter, metrics=state.metrics)
+
+    def base_delta(self, state: ServerState) -> dict[str, torch.Tensor]:
+        """What the shared base weights carry beyond W0 in ``state`` (dense, per module)."""
+        if state.sparse:
+            return {n: sparse.dense_delta(self.shapes[n], idx, state.sparse[n]) for n, idx in self.sparse_indices.items()}
+        if self.aggregator.merges_into_base:
+            return {n: f.delta() for n, f in state.base_update.items()}
+        return {}
+
     def global_update(self, state: ServerState) -> Adapter:
         """The global model's update over the original base weights: the global adapter, or for
         methods that merge into the base the cumulative merged update (zero before any merge)."""
@@ -219,6 +261,8 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
     tmp.mkdir()
     scales = _save_factors(tmp / "global.safetensors", state.global_adapter)
     base_scales = _save_factors(tmp / "base_update.safetensors", state.base_update)
+    if state.sparse:
+        save_file({n: v.contiguous() for n, v in state.sparse.items()}, str(tmp / "sparse.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"round": state.round, "scales": scales, "base_scales": base_scales, "metrics": state.metrics}))
     with open(tmp / "state.json", "rb") as fh:
         os.fsync(fh.fileno())
@@ -238,7 +282,8 @@ def load_checkpoint(run_dir: Path) -> ServerState | None:
     meta = json.loads((path / "state.json").read_text())
     adapter = _load_factors(path / "global.safetensors", meta["scales"])
     base_update = _load_factors(path / "base_update.safetensors", meta.get("base_scales", {}))
-    return ServerState(round=meta["round"], global_adapter=adapter, metrics=meta["metrics"], base_update=base_update)
+    sparse_values = load_file(str(path / "sparse.safetensors")) if (path / "sparse.safetensors").exists() else {}
+    return ServerState(round=meta["round"], global_adapter=adapter, metrics=meta["metrics"], base_update=base_update, sparse=sparse_values)
 
 
 def _save_factors(path: Path, adapter: Mapping[str, Factors]) -> dict[str, float]:

@@ -62,9 +62,9 @@ class Simulation:
     # ------------------------------------------------------------------ pieces of a round
 
     def sync_base(self, state: ServerState) -> None:
-        """The shared base weights of ``state``'s global model (W0 + the merged update, FLoRA)."""
-        if self.server.aggregator.merges_into_base:
-            self.trainer.set_base_update(state.base_update)
+        """The shared base weights of ``state``'s global model: W0 + the merged update (FLoRA) or
+        + the sparse update (SLoRA's first stage), else W0."""
+        self.trainer.set_base_delta(self.server.base_delta(state))
 
     def evaluate(self, state: ServerState) -> dict:
         began = time.perf_counter()
@@ -133,33 +133,66 @@ class Simulation:
                 continue
             updates.append(update)
             weights.append(result.num_examples)
-            records.append(
-                {
-                    "id": shard.client_id,
-                    "task": shard.task,
-                    "profile": self.server.profiles[self.server.client_profile[c]].name,
-                    "ranks": _ranks_by_kind(self.server.ranks_of(c)),
-                    "examples": result.num_examples,
-                    "tokens": result.tokens,
-                    "seconds": result.seconds,
-                    "loss": result.loss,
-                    "bytes_down": payload_bytes(down),
-                    "bytes_up": payload_bytes(up),
-                }
-            )
+            records.append(self._client_record(c, result, payload_bytes(down), payload_bytes(up)))
+        return updates, weights, records, failures
+
+    def _client_record(self, c: int, result: ClientResult, bytes_down: int, bytes_up: int) -> dict:
+        shard = self.federation.clients[c]
+        return {
+            "id": shard.client_id,
+            "task": shard.task,
+            "profile": self.server.profiles[self.server.client_profile[c]].name,
+            "ranks": _ranks_by_kind(self.server.ranks_of(c)),
+            "examples": result.num_examples,
+            "tokens": result.tokens,
+            "seconds": result.seconds,
+            "loss": result.loss,
+            "bytes_down": bytes_down,
+            "bytes_up": bytes_up,
+        }
+
+    def train_sparse_round(self, state: ServerState, round_: int, progress: Progress | None) -> tuple[list, list, list[dict], list[dict]]:
+        """SLoRA's first stage: sampled clients train sparse changes to the base, in turn (simulator only)."""
+        self.sync_base(state)
+        sampled = self.server.sample(round_)
+        task = progress.add_task(f"round {round_} clients (sparse)", total=len(sampled)) if progress else None
+        # Clients receive the current global values and send their change: one float per chosen entry.
+        nbytes = sum(4 * len(idx) for idx in self.server.sparse_indices.values())
+        updates, weights, records, failures = [], [], [], []
+        for c in sampled:
+            shard = self.federation.clients[c]
+            try:
+                examples = client_examples(self.config, self.tokenizer, self.federation, shard)
+                result = self.trainer.train_sparse(shard.client_id, self.server.sparse_indices, examples, self.server.client_seed(round_, c))
+                self.server.check_sparse(c, result.sparse)
+            except (FloatingPointError, ValueError, RuntimeError) as err:
+                log.warning("round %d: client %s left out: %s", round_, shard.client_id, err)
+                failures.append({"id": shard.client_id, "reason": f"{type(err).__name__}: {err}", "bytes_down": nbytes})
+            else:
+                updates.append(result.sparse)
+                weights.append(result.num_examples)
+                records.append(self._client_record(c, result, nbytes, nbytes))
+            if progress:
+                progress.advance(task)
+        if progress:
+            progress.remove_task(task)
         return updates, weights, records, failures
 
     def round(self, state: ServerState, round_: int, progress: Progress | None) -> ServerState:
         began = time.perf_counter()
-        updates, weights, records, failures = self.train_round(state, round_, progress)
+        sparse_stage = self.server.in_sparse_stage(round_)
+        train = self.train_sparse_round if sparse_stage else self.train_round
+        updates, weights, records, failures = train(state, round_, progress)
         time_train = time.perf_counter() - began
         t0 = time.perf_counter()
-        state = self.server.advance(state, round_, updates, weights)
+        advance = self.server.advance_sparse if sparse_stage else self.server.advance
+        state = advance(state, round_, updates, weights)
         time_aggregate = time.perf_counter() - t0
         total = sum(r["examples"] for r in records)
         record = {
             "round": round_,
             "method": self.config.federation.method,
+            "stage": "sparse" if sparse_stage else "lora",
             "train_loss": sum(r["loss"] * r["examples"] for r in records) / total if total else None,
             "clients_sampled": len(records) + len(failures),
             "clients_reported": len(records),

@@ -116,8 +116,15 @@ class Exchange:
         return self.out
 
 
+def check_supported(config: RunConfig) -> None:
+    """What the Flower engine cannot run yet, refused before any node is contacted."""
+    if config.federation.sparse_stage.rounds:
+        raise ValueError("federation.sparse_stage (SLoRA's sparse first stage) runs on the simulation engine only, not on Flower yet")
+
+
 class FlowerEngine(Simulation):
     def __init__(self, config: RunConfig, grid: Grid):
+        check_supported(config)
         super().__init__(config)
         self.grid = grid
         self.config_yaml = config_lib.dump(config)

@@ -36,10 +36,11 @@ def run(config: RunConfig, resume: bool = False, overwrite: bool = False, show_p
     from flwr.simulation import run_simulation
 
     from flexfed.engines.flower import clientapp
-    from flexfed.engines.flower.serverapp import run_on_grid
+    from flexfed.engines.flower.serverapp import check_supported, run_on_grid
     from flexfed.federation import build_federation
     from flexfed.models import load_tokenizer
 
+    check_supported(config)
     num_clients = len(build_federation(config, load_tokenizer(config.model.name)).clients)
     nodes = min(config.flower.num_supernodes or num_clients, num_clients)
     outcome: dict = {}
