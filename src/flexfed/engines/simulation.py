@@ -19,6 +19,7 @@ from flexfed.evaluation import evaluate
 from flexfed.federation import Federation, build_federation, client_examples
 from flexfed.lora import Adapter, adapter_bytes, module_kind, target_shapes
 from flexfed.models import load_model, load_tokenizer
+from flexfed.multiclient import CLIENT_ERRORS, ClientJob, clients_per_pass, train_clients
 from flexfed.resources import client_profiles
 from flexfed.server import Server, ServerState, load_checkpoint, save_checkpoint
 
@@ -75,17 +76,22 @@ class Simulation:
     def execute(self, round_: int, starts: dict[int, Adapter], progress: Progress | None) -> dict[int, ClientResult | Exception]:
         """Train each client from its start adapter; an engine overrides this to train elsewhere."""
         task = progress.add_task(f"round {round_} clients", total=len(starts)) if progress else None
+        advance = (lambda: progress.advance(task)) if progress else None
         outcomes: dict[int, ClientResult | Exception] = {}
+        jobs: dict[int, ClientJob] = {}
         for c, start in starts.items():
             shard = self.federation.clients[c]
             try:
                 examples = client_examples(self.config, self.tokenizer, self.federation, shard)
-                seed = self.server.client_seed(round_, c)
-                outcomes[c] = self.trainer.train(shard.client_id, start, examples, seed, self.server.aggregator.trainable)
-            except (FloatingPointError, ValueError, RuntimeError) as err:
+            except CLIENT_ERRORS as err:
                 outcomes[c] = err
-            if progress:
-                progress.advance(task)
+                if advance:
+                    advance()
+                continue
+            jobs[c] = ClientJob(shard.client_id, start, examples, self.server.client_seed(round_, c))
+        per_pass = clients_per_pass(self.config.training.clients_per_pass, self.device)
+        results = train_clients(self.trainer, list(jobs.values()), per_pass, self.server.aggregator.trainable, advance)
+        outcomes.update(zip(jobs, results))
         if progress:
             progress.remove_task(task)
         return outcomes
