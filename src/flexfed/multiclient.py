@@ -45,8 +45,13 @@ CLIENT_ERRORS = (FloatingPointError, ValueError, RuntimeError)
 class ClientJob:
     client_id: str
     start: Adapter
-    examples: Sequence[EncodedExample]
+    # Or a function that loads them, called when the client starts: then only the clients in
+    # training hold their data, however many are queued.
+    examples: Sequence[EncodedExample] | Callable[[], Sequence[EncodedExample]]
     seed: int
+
+    def load_examples(self) -> Sequence[EncodedExample]:
+        return self.examples() if callable(self.examples) else self.examples
 
 
 def clients_per_pass(setting: int | str, device: torch.device) -> int:
@@ -71,7 +76,7 @@ def train_clients(
     outcomes: list[ClientResult | Exception] = []
     for job in jobs:
         try:
-            outcomes.append(trainer.train(job.client_id, job.start, job.examples, job.seed, trainable))
+            outcomes.append(trainer.train(job.client_id, job.start, job.load_examples(), job.seed, trainable))
         except CLIENT_ERRORS as err:
             outcomes.append(err)
         if on_done:
@@ -87,7 +92,8 @@ class _Client:
     """One client's training state: factors, optimizer, batch schedule, losses."""
 
     def __init__(self, trainer: LocalTrainer, job: ClientJob, trainable: Sequence[str], modules: Sequence[str]):
-        if not job.examples:
+        self.examples = job.load_examples()
+        if not self.examples:
             raise ValueError(f"client {job.client_id}: no training examples")
         if sorted(job.start) != list(modules):
             raise ValueError(f"client {job.client_id}: adapts other modules than the clients trained with it")
@@ -100,8 +106,8 @@ class _Client:
         self.scale = {n: f.scale for n, f in job.start.items()}
         self.params = [t for n in sorted(job.start) for t in (self.a[n], self.b[n]) if t.requires_grad]
         self.optimizer = trainer._optimizer(self.params)
-        lengths = [len(e.input_ids) for e in job.examples]
-        steps = trainer._num_steps(len(job.examples))
+        lengths = [len(e.input_ids) for e in self.examples]
+        steps = trainer._num_steps(len(self.examples))
         self.schedule = batch_schedule(lengths, trainer.training.batch_size, steps, job.seed)
         self.losses: list[float] = []
         self.tokens = 0
@@ -111,7 +117,7 @@ class _Client:
     def advance(self) -> bool:
         """Load the next local batch (on the CPU) into ``batch``; False after the last step."""
         indices = next(self.schedule, None)
-        self.batch = None if indices is None else collate([self.job.examples[i] for i in indices], self.pad_id)
+        self.batch = None if indices is None else collate([self.examples[i] for i in indices], self.pad_id)
         return self.batch is not None
 
     def step(self, max_grad_norm: float | None) -> None:
@@ -125,7 +131,7 @@ class _Client:
         return ClientResult(
             client_id=self.job.client_id,
             adapter=adapter,
-            num_examples=len(self.job.examples),
+            num_examples=len(self.examples),
             loss=sum(self.losses) / len(self.losses),
             tokens=self.tokens,
             seconds=self.seconds,
