@@ -51,13 +51,19 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=2, help="local steps per client")
     parser.add_argument("--ranks", default="8", help="comma-separated ranks, dealt to clients in turn")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     config = load_config(
         "quickstart",
-        [f"model.name={args.model}", f"training.local_steps={args.steps}", f"training.precision={args.precision}"],
+        [
+            f"model.name={args.model}",
+            f"training.local_steps={args.steps}",
+            f"training.precision={args.precision}",
+            f"training.optimizer={args.optimizer}",
+        ],
     )
     tokenizer = load_tokenizer(config.model.name)
     model = load_model(config.model.name)
@@ -78,7 +84,7 @@ def main(argv=None) -> None:
         for f in ("a", "b")
     )
     print(f"model {args.model}, {args.clients} clients x {args.steps} steps x batch {config.training.batch_size}, ranks {args.ranks}, "
-          f"precision {args.precision} ({trainer.autocast or 'fp32'}), {args.threads} threads, load {os.getloadavg()[0]:.2f}")
+          f"{args.optimizer}, precision {args.precision} ({trainer.autocast or 'fp32'}), {args.threads} threads, load {os.getloadavg()[0]:.2f}")
     print(f"{'':>26} {'seconds':>8} {'tokens':>7} {'tokens/s':>9}")
     print(f"{'one client at a time':>26} {t_seq:8.2f} {tokens:7d} {tokens / t_seq:9.1f}")
     print(f"{f'{args.clients} clients per pass':>26} {t_joint:8.2f} {tokens:7d} {tokens / t_joint:9.1f}")

@@ -9,8 +9,11 @@ count (100) out of the small one: its column against the large one isolates what
 100x more clients costs. Each run is a fresh subprocess, so peak resident set sizes do not mix.
 Printed per run:
 
-- peak RSS of the whole process (``ru_maxrss``), and the increase from small to large divided
-  by the extra clients: the cost of one registered client;
+- peak RSS of the whole process (``ru_maxrss``) after setup, when every client is registered
+  and none has trained, and after the rounds (this adds the sampled clients' work); the
+  setup increase from small to large divided by the extra clients is the cost of one
+  registered client, printed beside the size of the clients' metadata (shards, ids,
+  profile indices; counted object by object);
 - setup: building the ``Simulation`` (model, tasks, partition, rank profiles, server);
 - framework overhead per round: ``time_overhead_s`` from metrics.jsonl, i.e. round time less
   the clients' own work (``execute``: data and training) and evaluation, averaged over rounds;
@@ -27,6 +30,20 @@ import subprocess
 import sys
 import tempfile
 import time
+
+
+def deep_size(obj, seen: set | None = None) -> int:
+    """Bytes held by a graph of containers, strings, numbers and dataclasses; shared objects once."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, (list, tuple, set)):
+        size += sum(deep_size(x, seen) for x in obj)
+    elif hasattr(obj, "__dataclass_fields__"):
+        size += sum(deep_size(getattr(obj, f), seen) for f in obj.__dataclass_fields__)
+    return size
 
 
 def one_run(num_clients: int, fraction: float, rounds: int, output_dir: str) -> dict:
@@ -54,6 +71,7 @@ def one_run(num_clients: int, fraction: float, rounds: int, output_dir: str) -> 
     began = time.perf_counter()
     sim = Simulation(config)
     setup = time.perf_counter() - began
+    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     sim.run(show_progress=False)
     rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     return {
@@ -62,7 +80,10 @@ def one_run(num_clients: int, fraction: float, rounds: int, output_dir: str) -> 
         "setup_s": setup,
         "overhead_s": sum(r["time_overhead_s"] for r in rows) / len(rows),
         "clients_s": sum(r["time_round_s"] - r["time_overhead_s"] - r["time_eval_s"] for r in rows) / len(rows),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "setup_rss_mb": setup_rss,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # What exists per registered client: its shard, its id and rank-profile index on the server.
+        "metadata_mb": deep_size([sim.federation.clients, sim.server.client_ids, sim.server.client_profile]) / 2**20,
     }
 
 
@@ -89,7 +110,9 @@ def main(argv=None) -> None:
     print(f"{'registered clients':>32}" + "".join(f"{r['clients']:>12,}" for r in results) + f"{'ratio':>8}")
     rows = [
         ("sampled per round", "sampled", "{:>12,}"),
-        ("peak RSS (MB)", "peak_rss_mb", "{:>12.1f}"),
+        ("peak RSS after setup (MB)", "setup_rss_mb", "{:>12.1f}"),
+        ("peak RSS after the rounds (MB)", "peak_rss_mb", "{:>12.1f}"),
+        ("client metadata (MB)", "metadata_mb", "{:>12.2f}"),
         ("setup (s)", "setup_s", "{:>12.2f}"),
         ("framework overhead / round (s)", "overhead_s", "{:>12.3f}"),
         ("clients' work / round (s)", "clients_s", "{:>12.3f}"),
@@ -98,8 +121,12 @@ def main(argv=None) -> None:
         cells = "".join(fmt.format(r[key]) for r in results)
         print(f"{label:>32}{cells}{results[2][key] / results[1][key]:>7.2f}x")
     print(f"ratio: the {large:,}-client run over the {small:,}-client run that samples as many clients")
-    extra = (results[2]["peak_rss_mb"] - results[0]["peak_rss_mb"]) * 2**20 / (large - small)
-    print(f"peak RSS per extra registered client: {extra / 1024:.2f} KiB")
+    # (+ 0.0 turns a rounded -0.0 into 0.0)
+    per_client = {k: round((results[2][k] - results[0][k]) * 1024 / (large - small), 2) + 0.0 for k in ("setup_rss_mb", "metadata_mb")}
+    print(
+        f"per extra registered client: {per_client['setup_rss_mb']:.2f} KiB of peak RSS after setup, "
+        f"{per_client['metadata_mb']:.2f} KiB of metadata"
+    )
 
 
 if __name__ == "__main__":
