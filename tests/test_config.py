@@ -34,6 +34,8 @@ def test_set_overrides_parse_yaml_values():
         ("data.source=natural-instructions", "data.path is required"),
         ("training.local_epochs=1", "exactly one of training.local_steps"),
         ("data.max_response_tokens=500", "max_response_tokens"),
+        ("training.clients_per_pass=0", "training.clients_per_pass must be a positive integer"),
+        ("training.clients_per_pass=many", "training.clients_per_pass"),
     ],
 )
 def test_bad_values_are_named(override, needle):

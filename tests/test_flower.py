@@ -39,7 +39,7 @@ BASE = [
     "flower.min_nodes=3",
 ]
 RUN_TIMEOUT = 240
-NOT_COMPARED = {"time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s", "seconds"}
+NOT_COMPARED = {"time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s", "time_overhead_s", "seconds"}
 FLOWER_ONLY = {"wire_bytes_up", "wire_bytes_down", "array_bytes_up", "array_bytes_down", "node"}
 
 

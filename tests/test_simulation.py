@@ -10,7 +10,7 @@ from flexfed.lora import load_adapter
 from flexfed.models import tiny_llama
 from flexfed.server import load_checkpoint
 
-TIMING = {"time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s", "seconds"}
+TIMING = {"time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s", "time_overhead_s", "seconds"}
 
 
 def _strip_timing(obj):

@@ -15,7 +15,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,18 +82,33 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random
     return batches
 
 
-def response_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Causal-LM loss computing the output projection only where there is a label.
+def batch_schedule(lengths: Sequence[int], batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+    """Example indices of each local step: length-bucketed epochs, a fresh one when one runs out."""
+    rng = random.Random(seed)
+    batches: list[list[int]] = []
+    for _ in range(steps):
+        if not batches:
+            batches = length_bucketed_batches(lengths, batch_size, rng)
+        yield batches.pop()
 
-    Equal to ``model(**batch).loss`` but skips the vocabulary-sized projection on prompt and
-    padding positions, which dominate the sequence.
+
+def response_token_losses(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy at every labelled position, and where those are (rows x positions, shifted).
+
+    Computes the output projection only where there is a label: prompt and padding positions
+    dominate the sequence, and the vocabulary-sized projection is the costliest layer there.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep
+
+
+def response_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Causal-LM loss on the response: equal to ``model(**batch).loss``, only cheaper."""
+    return response_token_losses(model, batch)[0].mean()
 
 
 class LocalTrainer:
@@ -217,16 +232,12 @@ class LocalTrainer:
         if not examples:
             raise ValueError(f"client {client_id}: no training examples")
         optimizer = self._optimizer(params)
-        rng = random.Random(seed)
         torch.manual_seed(seed)
         lengths = [len(e.input_ids) for e in examples]
-        batches: list[list[int]] = []
         losses, tokens = [], 0
         model.train()
-        for _ in range(self._num_steps(len(examples))):
-            if not batches:
-                batches = length_bucketed_batches(lengths, self.training.batch_size, rng)
-            batch = collate([examples[i] for i in batches.pop()], self.pad_id)
+        for indices in batch_schedule(lengths, self.training.batch_size, self._num_steps(len(examples)), seed):
+            batch = collate([examples[i] for i in indices], self.pad_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
                 loss = response_loss(model, batch)
