@@ -136,3 +136,13 @@ def test_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n[1, 2]\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: expected a JSON object"):
         read_metrics(tmp_path)
+
+
+def test_clients_are_the_registered_ones_not_those_seen(tmp_path):
+    run, rows = make_run(tmp_path)  # 4 of at most 20 client ids per round; config says num_clients 20
+    seen = {c["id"] for r in rows for c in r["clients"]}
+    assert summarize(run)["clients"] == 20  # older runs: the config's count
+    rows[0]["clients_registered"] = 57
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert summarize(run)["clients"] == 57 != len(seen)
+    assert "| 57 |" in (write_report([run]) / "summary.md").read_text()

@@ -1,4 +1,4 @@
-"""``flexfed run | report | aggregate``."""
+"""``flexfed run | report | resources | aggregate | flower``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,40 @@ def _report(args) -> int:
     out = write_report(dirs, Path(args.out) if args.out else None)
     print_summary(dirs)
     log.info("report written to %s", out)
+    return 0
+
+
+def _resources(args) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from flexfed.config import load_config
+    from flexfed.engines.simulation import pick_device
+    from flexfed.lora import target_shapes
+    from flexfed.models import load_skeleton
+    from flexfed.resources import GIB, TrainingMemory, fit_budgets, rank_types, resolve_type
+
+    config = load_config(args.config, args.set)
+    model = load_skeleton(config.model.name, getattr(torch, config.model.dtype))
+    shapes = target_shapes(model, config.lora.target_modules)
+    memory = TrainingMemory.for_run(config, model, shapes, pick_device(config.device))
+    types = rank_types(config.resources)
+    gib = lambda b: f"{b / GIB:.3g}"  # noqa: E731
+    table = Table(title=f"Estimated peak training memory per client (GiB), {config.model.name}",
+                  caption=f"{memory.describe()}; LoRA on {', '.join(config.lora.target_modules)}; before process overhead")
+    for col in ("type", "attn/MLP", "LoRA", "weights", "adapter", "activ.", "logits", "total"):
+        table.add_column(col, justify="left" if col == "type" else "right")
+    for name in sorted(types):
+        profile = resolve_type(name, *types[name], shapes)
+        e = memory.estimate(profile.ranks)
+        params = sum(r * sum(shapes[m]) for m, r in profile.ranks.items())
+        table.add_row(name, "/".join(map(str, types[name])), f"{params / 1e6:.2f} M", *map(gib, (e.weights, e.adapter, e.activations, e.logits, e.total)))
+    console = Console()
+    console.print(table)
+    if config.resources.distribution == "memory":
+        for budget, profile in fit_budgets(config.resources.budgets_gib, types, memory).items():
+            console.print(f"budget {budget} ({config.resources.budgets_gib[budget]:g} GiB) -> {profile.name}")
     return 0
 
 
@@ -186,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+")
     report.add_argument("--out", help="output directory (required for several runs)")
     report.set_defaults(func=_report)
+
+    res = sub.add_parser("resources", help="estimated training memory of each rank type for a config's model and batch")
+    res.add_argument("--config", "-c", help="YAML config file, or the name of a packaged config")
+    res.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    res.set_defaults(func=_resources)
 
     agg = sub.add_parser("aggregate", help="aggregate saved PEFT LoRA adapters of any ranks into one")
     agg.add_argument("adapters", nargs="+", help="PEFT adapter directories")

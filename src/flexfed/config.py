@@ -61,19 +61,32 @@ class RankType(_Section):
 
 
 class ResourcesConfig(_Section):
-    """Per-client ranks. ``homogeneous`` gives every client ``lora.rank`` everywhere."""
+    """Per-client ranks. ``homogeneous`` gives every client ``lora.rank`` everywhere.
 
-    distribution: Literal["homogeneous", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal", "custom"] = "homogeneous"
+    ``memory`` gives clients memory budgets instead of types: ``budgets_gib`` names them
+    (e.g. ``{phone: 4, laptop: 16}``), ``mix`` gives their shares of clients (default equal), and
+    each client trains the largest type whose estimated training memory fits its budget.
+    """
+
+    distribution: Literal["homogeneous", "uniform", "heavy-tail-light", "heavy-tail-strong", "normal", "custom", "memory"] = "homogeneous"
     types: dict[str, RankType] = Field(default_factory=dict)  # overrides/extends T1..T4
-    mix: dict[str, float] = Field(default_factory=dict)  # type -> share, for distribution=custom
+    mix: dict[str, float] = Field(default_factory=dict)  # share of clients: type -> share (custom), budget -> share (memory)
+    budgets_gib: dict[str, float] = Field(default_factory=dict)  # memory: budget name -> GiB for one client's training
 
     @model_validator(mode="after")
     def _check(self):
-        if self.distribution == "custom":
-            if not self.mix:
-                raise ValueError("resources.mix is required for resources.distribution=custom")
-            if any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
-                raise ValueError("resources.mix shares must be non-negative and not all zero")
+        if self.distribution == "custom" and not self.mix:
+            raise ValueError("resources.mix is required for resources.distribution=custom")
+        if self.distribution == "memory":
+            if not self.budgets_gib:
+                raise ValueError("resources.budgets_gib is required for resources.distribution=memory")
+            if any(v <= 0 for v in self.budgets_gib.values()):
+                raise ValueError("resources.budgets_gib values must be positive (GiB)")
+            unknown = sorted(set(self.mix) - set(self.budgets_gib))
+            if unknown:
+                raise ValueError(f"resources.mix names budgets {unknown} that resources.budgets_gib does not define")
+        if self.mix and (any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0):
+            raise ValueError("resources.mix shares must be non-negative and not all zero")
         return self
 
 

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +133,13 @@ def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, 
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def load_skeleton(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32):
+    """The model's config and modules on the meta device, without weights: enough for sizing it."""
+    with torch.device("meta"):
+        if name_or_path == TINY:
+            model = tiny_llama()
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(name_or_path)))
+    return model.to(dtype)

@@ -66,6 +66,11 @@ def _series(rows: list[dict], key: str, min_round: int = 0) -> tuple[list[int], 
     return [x for x, _ in pts], [y for _, y in pts]
 
 
+def _registered(rows: list[dict]) -> int | None:
+    """Clients in the federation, as the engine recorded at round 0 (older runs: None)."""
+    return next((int(r["clients_registered"]) for r in rows if _num(r.get("clients_registered")) is not None), None)
+
+
 def _rank_key(client: dict) -> str:
     """'8' for a client with one rank everywhere, '30/8' for mixed per-module ranks."""
     ranks = client.get("ranks")
@@ -101,7 +106,7 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
         "seed": cfg.get("seed"),
         "rounds": rows[-1]["round"],
         "rounds_planned": _get(cfg, "federation.rounds"),
-        "clients": _get(cfg, "data.num_clients") or len({c["id"] for c in clients if "id" in c}) or None,
+        "clients": _registered(rows) or _get(cfg, "data.num_clients") or len({c["id"] for c in clients if "id" in c}) or None,
         "clients_per_round": sum(sampled) / len(sampled) if sampled else None,
         "ranks": sorted({_rank_key(c) for c in clients}, key=_rank_order),
     }

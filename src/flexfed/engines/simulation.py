@@ -29,7 +29,7 @@ from flexfed.federation import Federation, build_federation, client_examples
 from flexfed.lora import module_kind, target_shapes
 from flexfed.models import load_model, load_tokenizer
 from flexfed.multiclient import ClientJob, clients_per_pass, train_clients
-from flexfed.resources import client_profiles
+from flexfed.resources import TrainingMemory, client_profiles
 from flexfed.server import Server, ServerState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ class Simulation:
         model = load_model(config.model.name, dtype=dtype, seed=config.seed)
         shapes = target_shapes(model, config.lora.target_modules)
         self.federation: Federation = build_federation(config, self.tokenizer)
-        profiles, assignment = client_profiles(config.resources, config.lora, shapes, len(self.federation.clients), config.seed)
+        memory = TrainingMemory.for_run(config, model, shapes, self.device) if config.resources.distribution == "memory" else None
+        profiles, assignment = client_profiles(config.resources, config.lora, shapes, len(self.federation.clients), config.seed, memory)
         self.server = Server(config, shapes, profiles, assignment, [c.client_id for c in self.federation.clients])
         self.trainer = LocalTrainer(model, config.lora, config.training, self.tokenizer.pad_token_id, self.device)
         self.time_clients = 0.0  # wall seconds of the last round's ``execute``
@@ -248,7 +249,8 @@ class Simulation:
         (self.run_dir / "config.yaml").write_text(config_lib.dump(self.config))
         state = self.server.initial_state()
         log.info("round 0: evaluating the untouched model")
-        state.metrics = [{"round": 0, "method": self.config.federation.method, "train_loss": None, **self.evaluate(state)}]
+        registered = len(self.federation.clients)  # the federation's size; later rounds record only the sampled clients
+        state.metrics = [{"round": 0, "method": self.config.federation.method, "clients_registered": registered, "train_loss": None, **self.evaluate(state)}]
         self.persist(state)
         return state
 
