@@ -84,8 +84,8 @@ def useful_flops(model, examples) -> float:
     for e in examples:
         n = len(e.input_ids)
         labelled = sum(1 for x in e.labels[1:] if x != -100)
-        attention = 2 * 2 * n * n * cfg.hidden_size * cfg.num_hidden_layers  # QKᵀ and PV, causal ≈ half of n²·2
-        flops += 4 * body * n + 2 * attention + 4 * cfg.hidden_size * cfg.vocab_size * labelled
+        attention = 2 * 2 * n * n * cfg.hidden_size * cfg.num_hidden_layers  # QKᵀ and PV, forward
+        flops += 4 * body * n + 2 * attention + 4 * cfg.hidden_size * cfg.vocab_size * labelled  # forward + input gradients
     return flops
 
 

@@ -108,12 +108,12 @@ def test_fed_sb_trains_only_the_core_between_fixed_frames(tokenizer, examples):
 def test_base_update_sets_and_restores_the_base_weights(tokenizer, examples):
     trainer, start, _ = _trainer(tokenizer, "training.precision=fp32")
     name = sorted(start)[0]
-    w0 = trainer._base_linear(name).weight.detach().clone()
+    w0 = trainer.base_linear(name).weight.detach().clone()
     update = {n: Factors(b=torch.ones_like(f.b), a=f.a, scale=f.scale) for n, f in start.items()}
     trainer.set_base_update(update)
     trainer.set_base_update(update)  # never compounded
-    torch.testing.assert_close(trainer._base_linear(name).weight, w0 + update[name].delta())
+    torch.testing.assert_close(trainer.base_linear(name).weight, w0 + update[name].delta())
     trainer.train("c", start, examples[:4], seed=0)  # training does not touch the base
-    torch.testing.assert_close(trainer._base_linear(name).weight, w0 + update[name].delta())
+    torch.testing.assert_close(trainer.base_linear(name).weight, w0 + update[name].delta())
     trainer.set_base_update(None)
-    assert torch.equal(trainer._base_linear(name).weight, w0)
+    assert torch.equal(trainer.base_linear(name).weight, w0)

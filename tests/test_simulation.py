@@ -203,7 +203,7 @@ def test_flora_merges_every_rounds_stack_into_the_base(tiny_config):
     w0 = dict(tiny_llama(seed=config.seed).named_modules())
     for name in sim.server.shapes:
         expected = w0[name].weight.double() + sum(s[name].delta(torch.float64) for s in stacks)
-        merged = sim.trainer._base_linear(name).weight  # the shared base after the last evaluation
+        merged = sim.trainer.base_linear(name).weight  # the shared base after the last evaluation
         torch.testing.assert_close(merged.double(), expected, rtol=0, atol=1e-6)
     # concatenated stacks, re-factored at full rank where they would exceed it
     assert all(f.rank == min(sum(s[n].rank for s in stacks), *f.shape) for n, f in final.base_update.items())

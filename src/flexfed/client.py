@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
@@ -211,17 +212,13 @@ class LocalTrainer:
         from flexfed import sparse
 
         began = time.perf_counter()
-        linears = {n: self._base_linear(n) for n in indices}
+        model = self.peft_model if self.peft_model is not None else self.base_model
+        model.requires_grad_(False)  # only the sparse values train (``activate`` sets LoRA's flags again)
+        linears = {n: self.base_linear(n) for n in indices}
         params = sparse.attach(linears, indices, sparse.zero_update(indices))
         try:
-            if self.peft_model is not None:
-                for p in self.peft_model.parameters():
-                    if p.requires_grad and all(p is not q for q in params.values()):
-                        p.requires_grad_(False)
-                with self.peft_model.disable_adapter():
-                    losses, tokens = self._fit(client_id, self.peft_model, list(params.values()), examples, seed)
-            else:
-                losses, tokens = self._fit(client_id, self.base_model, list(params.values()), examples, seed)
+            with self.peft_model.disable_adapter() if self.peft_model is not None else nullcontext():
+                losses, tokens = self._fit(client_id, model, list(params.values()), examples, seed)
             values = {n: p.detach().cpu().clone() for n, p in params.items()}
         finally:
             sparse.detach(linears)
@@ -267,21 +264,21 @@ class LocalTrainer:
         if self._base_weights is None:
             if not deltas:
                 return
-            self._base_weights = {n: self._base_linear(n).weight.detach().clone() for n in deltas}
+            self._base_weights = {n: self.base_linear(n).weight.detach().clone() for n in deltas}
         deltas = deltas or {}
         unknown = sorted(set(deltas) - set(self._base_weights))
         if unknown:
             raise KeyError(f"no base weight kept for {unknown[:3]}")
         with torch.no_grad():
             for n, w0 in self._base_weights.items():
-                weight = self._base_linear(n).weight
+                weight = self.base_linear(n).weight
                 if n in deltas:
                     work = torch.promote_types(w0.dtype, torch.float32)
                     weight.copy_((w0.to(work) + deltas[n].to(device=w0.device, dtype=work)).to(w0.dtype))
                 else:
                     weight.copy_(w0)
 
-    def _base_linear(self, name: str) -> torch.nn.Linear:
+    def base_linear(self, name: str) -> torch.nn.Linear:
         module = self.base_model.get_submodule(name)
         return getattr(module, "base_layer", module)  # inside a PEFT LoRA layer once wrapped
 

@@ -149,11 +149,6 @@ class MultiClientTrainer:
 
     # ------------------------------------------------------------------ the adapted layers
 
-    def _linear(self, name: str) -> torch.nn.Linear:
-        """The frozen linear layer ``name``; inside a PEFT LoRA layer, its ``base_layer``."""
-        module = self.trainer.base_model.get_submodule(name)
-        return getattr(module, "base_layer", module)
-
     def _hook(self, name: str):
         def add_lora(module, args, output):
             a, b, s = self._stacked[name]  # (K, r, d_in), (K, d_out, r), (K, 1, 1)
@@ -178,7 +173,7 @@ class MultiClientTrainer:
         """LoRA hooks on the base layers, PEFT's own adapters off, the base frozen; all undone after."""
         model, peft = self.trainer.base_model, self.trainer.peft_model
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        handles = [self._linear(n).register_forward_hook(self._hook(n)) for n in names]
+        handles = [self.trainer.base_linear(n).register_forward_hook(self._hook(n)) for n in names]
         try:
             with peft.disable_adapter() if peft is not None else nullcontext():
                 model.requires_grad_(False)

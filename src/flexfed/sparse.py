@@ -16,14 +16,13 @@ Pure tensor functions live here; ``SparseDelta`` is the client side (the weight 
 
 from __future__ import annotations
 
-import zlib
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from flexfed.aggregation.base import normalized_weights
+from flexfed.aggregation.base import normalized_weights, seeded_generator
 from flexfed.aggregation.flexlora import split_factors
 from flexfed.aggregation.lowrank import dense_top_singular
 from flexfed.lora import Adapter, Factors
@@ -37,7 +36,7 @@ def sparse_indices(shapes: Mapping[str, tuple[int, int]], density: float, seed: 
         raise ValueError(f"sparse density must be in (0, 1], got {density}")
     out = {}
     for name, (d_out, d_in) in sorted(shapes.items()):
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:sparse:{name}".encode()))
+        generator = seeded_generator(seed, "sparse", name)
         count = max(1, round(density * d_out * d_in))
         out[name] = torch.randperm(d_out * d_in, generator=generator)[:count].sort().values
     return out

@@ -214,6 +214,18 @@ class Aggregator(ABC):
         return {name: truncate(f, ranks[name], scale(ranks[name])) for name, f in global_adapter.items()}
 
 
+class SharedFactorAggregator(Aggregator):
+    """A method whose clients all hold the same ``frozen`` factor (FFA-LoRA's A, Fed-SB's B), so
+    averaging what they train is the exact average of their updates (``average_with_frozen``)."""
+
+    mixed_ranks = False
+    frozen: ClassVar[Literal["a", "b"]]
+
+    def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
+        names, p = validate(updates, weights)
+        return {n: average_with_frozen([u[n] for u in updates], p, frozen=self.frozen, method=self.name) for n in names}
+
+
 def get_aggregator(name: str, **options) -> Aggregator:
     from flexfed import aggregation  # noqa: F401  (imports register every method)
 

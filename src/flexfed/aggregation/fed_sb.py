@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flexfed.aggregation.base import Aggregator, average_with_frozen, payload_key, payload_parts, seeded_generator, validate
+from flexfed.aggregation.base import SharedFactorAggregator, payload_key, payload_parts, seeded_generator
 from flexfed.lora import Adapter, Factors
 
 
@@ -70,14 +70,10 @@ def sb_frames(gradient: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return u[:, :rank].contiguous(), vh[:rank].contiguous()
 
 
-class FedSB(Aggregator):
+class FedSB(SharedFactorAggregator):
     name = "fed-sb"
-    mixed_ranks = False
+    frozen = "b"
     trainable = ("r",)
-
-    def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
-        names, p = validate(updates, weights)
-        return {n: average_with_frozen([u[n] for u in updates], p, frozen="b", method=self.name) for n in names}
 
     def common(self, name, shape, rank, scale, seed) -> Factors:
         """The two frames as one ``Factors(b=B, a=A)`` (the LoRA-SB adapter with R = I)."""

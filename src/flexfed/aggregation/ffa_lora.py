@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from flexfed.aggregation.base import Aggregator, average_with_frozen, payload_key, payload_parts, seeded_generator, validate
+from flexfed.aggregation.base import SharedFactorAggregator, payload_key, payload_parts, seeded_generator
 from flexfed.lora import Adapter, Factors
 
 
@@ -34,14 +34,10 @@ def shared_a(seed: int, name: str, rank: int, d_in: int, dtype: torch.dtype = to
     return ((torch.rand(rank, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
 
 
-class FFALoRA(Aggregator):
+class FFALoRA(SharedFactorAggregator):
     name = "ffa-lora"
-    mixed_ranks = False
+    frozen = "a"
     trainable = ("b",)
-
-    def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
-        names, p = validate(updates, weights)
-        return {n: average_with_frozen([u[n] for u in updates], p, frozen="a", method=self.name) for n in names}
 
     def common(self, name, shape, rank, scale, seed) -> Factors:
         d_out, d_in = shape
