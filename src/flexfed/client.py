@@ -26,6 +26,15 @@ from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
 from flexfed.lora import Adapter, Factors, get_adapter, lora_modules, peft_config, set_adapter
 
+class ClientFailure(RuntimeError):
+    """A client could not produce an update (e.g. its examples failed to load); the message names it."""
+
+
+# What one client fails with without stopping the round: the server leaves that client out, logs
+# the reason and aggregates the others. Every engine and trainer catches exactly these.
+CLIENT_ERRORS = (FloatingPointError, ValueError, RuntimeError)
+
+
 @dataclass
 class ClientResult:
     client_id: str

@@ -127,6 +127,9 @@ class FederationConfig(_Section):
     rounds: int = Field(3, ge=1)
     sample_fraction: float = Field(0.1, gt=0, le=1)
     min_clients: int = Field(1, ge=1)  # a round with fewer successful clients keeps the old global adapter
+    # A client update or aggregate whose s·B·A exceeds this many times ‖W0‖_F on any module is
+    # refused (null: only non-finite ones). LoRA updates of a pretrained model stay far below 1.
+    max_update_ratio: float | None = Field(10.0, gt=0)
     sparse_stage: SparseStageConfig = Field(default_factory=SparseStageConfig)
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ import logging
 import random
 from dataclasses import dataclass
 
+from flexfed.client import ClientFailure
 from flexfed.config import RunConfig
 from flexfed.data import (
     ClientShard,
@@ -114,5 +115,13 @@ def build_federation(config: RunConfig, tokenizer) -> Federation:
 
 
 def client_examples(config: RunConfig, tokenizer, federation: Federation, shard: ClientShard) -> list[EncodedExample]:
-    """Materialise and encode one sampled client's training data."""
-    return [encode_example(config, tokenizer, task, ex) for task, examples in materialize(shard, federation.tasks) for ex in examples]
+    """Materialise and encode one sampled client's training data; ``ClientFailure`` if that fails.
+
+    Whatever goes wrong here (a task missing from the table, an index past its end, a file that
+    cannot be read, a tokenizer error) is that client's failure only: every engine leaves the
+    client out of the round instead of stopping the run.
+    """
+    try:
+        return [encode_example(config, tokenizer, task, ex) for task, examples in materialize(shard, federation.tasks) for ex in examples]
+    except Exception as err:  # noqa: BLE001 - reported as the client's failure, with the cause
+        raise ClientFailure(f"client {shard.client_id}: its examples could not be loaded ({type(err).__name__}: {err})") from err

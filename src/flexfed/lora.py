@@ -56,6 +56,12 @@ class Factors:
     def delta(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.scale * (self.b.to(dtype) @ self.a.to(dtype))
 
+    def norm(self) -> float:
+        """‖s B A‖_F in float64 from the r x r Grams, tr((BᵀB)(AAᵀ)) = ‖BA‖_F²: no d x k product,
+        and finite for any finite factors (inf only when the update itself is beyond float64)."""
+        b, a = self.b.double(), self.a.double()
+        return abs(self.scale) * float(((b.mT @ b) * (a @ a.mT)).sum().clamp_min(0).sqrt())
+
 
 Adapter = dict[str, Factors]
 

@@ -32,14 +32,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from flexfed.client import ClientResult, LocalTrainer, batch_schedule, collate, response_token_losses
+from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, batch_schedule, collate, response_token_losses
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
 from flexfed.lora import Adapter, Factors
-
-# What one client fails with without stopping the others (as the simulator has always caught).
-CLIENT_ERRORS = (FloatingPointError, ValueError, RuntimeError)
-
 
 @dataclass
 class ClientJob:

@@ -47,6 +47,9 @@ class ServerState:
     round: int
     global_adapter: Adapter
     metrics: list[dict] = field(default_factory=list)
+    # Why this round's aggregate was refused (the previous global kept); None when it was accepted.
+    # Recorded in the round's metrics line, not checkpointed.
+    rejected: str | None = None
     # Methods that merge into the base (FLoRA): the cumulative update, W = W0 + base_update.
     # ``global_adapter`` is then the last round's stack, what clients receive next.
     base_update: Adapter = field(default_factory=dict)
@@ -106,8 +109,12 @@ class Server:
         profiles: Sequence[RankProfile],
         client_profile: Sequence[int],
         client_ids: Sequence[str],
+        base_norms: Mapping[str, float] | None = None,
     ):
+        """``base_norms``: ‖W0‖_F of each adapted module, which bounds the updates the server
+        accepts (``federation.max_update_ratio``); None accepts any finite update."""
         self.config = config
+        self.base_norms = dict(base_norms or {})
         self.shapes = dict(shapes)
         self.profiles = list(profiles)
         self.client_profile = list(client_profile)
@@ -177,6 +184,24 @@ class Server:
                 raise UpdateRejected(f"{who}: {name} scale {f.scale} is not s({f.rank}) = {self.scale(f.rank)}")
             if not (torch.isfinite(f.a).all() and torch.isfinite(f.b).all()):
                 raise UpdateRejected(f"{who}: {name} has non-finite values")
+        self.check_bounded(update, who)
+
+    def check_bounded(self, adapter: Mapping[str, Factors], who: str) -> None:
+        """``UpdateRejected`` unless every module's update s B A is finite and within
+        ``federation.max_update_ratio`` x ‖W0‖_F of its base weight.
+
+        Finite factors can still carry an update that overflows float32 or dwarfs the model
+        (B = 3e37): such a client, or such an aggregate, must never become the global model.
+        """
+        ratio = self.config.federation.max_update_ratio
+        for name, f in adapter.items():
+            norm = f.norm()
+            representable = torch.finfo(f.b.dtype).max  # beyond it s·B·A overflows to inf in the model
+            if not norm <= representable:
+                raise UpdateRejected(f"{who}: {name} update s·B·A has norm {norm:.4g}, not representable in {f.b.dtype}")
+            bound = ratio * self.base_norms[name] if ratio is not None and name in self.base_norms else math.inf
+            if norm > bound:
+                raise UpdateRejected(f"{who}: {name} update s·B·A has norm {norm:.4g}, above federation.max_update_ratio={ratio:g} x ‖W0‖_F = {bound:.4g}")
 
     def aggregate(self, state: ServerState, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> Adapter:
         return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale)
@@ -184,12 +209,20 @@ class Server:
     def advance(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> ServerState:
         """The state after ``round_``: aggregate (if enough clients reported), merge into the base if the method does."""
         merges = self.aggregator.merges_into_base
-        if len(updates) >= self.config.federation.min_clients:
-            new_global = self.aggregate(state, updates, weights)
-        else:
+        # FLoRA's global is the stack to merge next: unchanged means nothing new to merge.
+        unchanged = ServerState(round=round_, global_adapter={} if merges else state.global_adapter, metrics=state.metrics, base_update=state.base_update)
+        if len(updates) < self.config.federation.min_clients:
             log.warning("round %d: %d clients reported, fewer than min_clients=%d; global model unchanged", round_, len(updates), self.config.federation.min_clients)
-            new_global = {} if merges else state.global_adapter  # FLoRA: nothing new to merge
-        base_update = self.aggregator.accumulate(state.base_update, new_global, self.scale) if merges else state.base_update
+            return unchanged
+        try:
+            new_global = self.aggregate(state, updates, weights)
+            self.check_bounded(new_global, f"round {round_}'s aggregate")
+            base_update = self.aggregator.accumulate(state.base_update, new_global, self.scale) if merges else state.base_update
+            self.check_bounded(base_update, f"round {round_}'s merged update")
+        except (ValueError, RuntimeError, FloatingPointError) as err:  # UpdateRejected, LinAlgError among them
+            unchanged.rejected = f"{type(err).__name__}: {err}"
+            log.warning("round %d: aggregate refused, global model unchanged: %s", round_, unchanged.rejected)
+            return unchanged
         return ServerState(round=round_, global_adapter=new_global, metrics=state.metrics, base_update=base_update)
 
     def in_sparse_stage(self, round_: int) -> bool:

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from flexfed import config as config_lib
 from flexfed.aggregation.base import Payload, payload_bytes
-from flexfed.client import ClientResult, LocalTrainer
+from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer
 from flexfed.config import RunConfig
 from flexfed.evaluation import evaluate
 from flexfed.federation import Federation, build_federation, client_examples
@@ -59,7 +59,8 @@ class Simulation:
         self.federation: Federation = build_federation(config, self.tokenizer)
         memory = TrainingMemory.for_run(config, model, shapes, self.device) if config.resources.distribution == "memory" else None
         profiles, assignment = client_profiles(config.resources, config.lora, shapes, len(self.federation.clients), config.seed, memory)
-        self.server = Server(config, shapes, profiles, assignment, [c.client_id for c in self.federation.clients])
+        base_norms = {n: float(model.get_submodule(n).weight.detach().double().norm()) for n in shapes}
+        self.server = Server(config, shapes, profiles, assignment, [c.client_id for c in self.federation.clients], base_norms)
         self.trainer = LocalTrainer(model, config.lora, config.training, self.tokenizer.pad_token_id, self.device)
         self.time_clients = 0.0  # wall seconds of the last round's ``execute``
 
@@ -135,9 +136,20 @@ class Simulation:
                 failures.append({"id": shard.client_id, "reason": f"{type(err).__name__}: {err}", "bytes_down": payload_bytes(down)})
                 continue
             updates.append(update)
-            weights.append(result.num_examples)
+            weights.append(self.client_weight(round_, c, result))
             records.append(self._client_record(c, result, payload_bytes(down), payload_bytes(up)))
         return updates, weights, records, failures
+
+    def client_weight(self, round_: int, c: int, result: ClientResult) -> int:
+        """The client's aggregation weight n_i: the size of its shard, which the server assigned.
+
+        A client's own count is not trusted (on Flower a node reports it): one that reports a
+        different number is logged, and its weight stays the shard's size.
+        """
+        shard = self.federation.clients[c]
+        if result.num_examples != shard.num_examples:
+            log.warning("round %d: client %s reported %d training examples; its shard holds %d, which is its weight", round_, shard.client_id, result.num_examples, shard.num_examples)
+        return shard.num_examples
 
     def _client_record(self, c: int, result: ClientResult, bytes_down: int, bytes_up: int) -> dict:
         shard = self.federation.clients[c]
@@ -146,7 +158,7 @@ class Simulation:
             "task": shard.task,
             "profile": self.server.profiles[self.server.client_profile[c]].name,
             "ranks": _ranks_by_kind(self.server.ranks_of(c)),
-            "examples": result.num_examples,
+            "examples": shard.num_examples,
             "tokens": result.tokens,
             "seconds": result.seconds,
             "loss": result.loss,
@@ -169,12 +181,12 @@ class Simulation:
                 examples = client_examples(self.config, self.tokenizer, self.federation, shard)
                 result = self.trainer.train_sparse(shard.client_id, self.server.sparse_indices, examples, self.server.client_seed(round_, c))
                 self.server.check_sparse(c, result.sparse)
-            except (FloatingPointError, ValueError, RuntimeError) as err:
+            except CLIENT_ERRORS as err:
                 log.warning("round %d: client %s left out: %s", round_, shard.client_id, err)
                 failures.append({"id": shard.client_id, "reason": f"{type(err).__name__}: {err}", "bytes_down": nbytes})
             else:
                 updates.append(result.sparse)
-                weights.append(result.num_examples)
+                weights.append(self.client_weight(round_, c, result))
                 records.append(self._client_record(c, result, nbytes, nbytes))
             if progress:
                 progress.advance(task)
@@ -207,6 +219,7 @@ class Simulation:
             "tokens_trained": sum(r["tokens"] for r in records),
             "time_train_s": time_train,
             "time_aggregate_s": time_aggregate,
+            "aggregate_rejected": state.rejected,  # why the previous global was kept, if it was
         }
         record.update(self._maybe_evaluate(state))
         record["time_round_s"] = time.perf_counter() - began

@@ -259,8 +259,6 @@ class FlowerEngine(Simulation):
             raise
         except (KeyError, TypeError, ValueError) as err:
             raise UpdateRejected(f"client {client_id}: malformed reply from node {self.host[c]}: {type(err).__name__}: {err}") from None
-        if result.num_examples <= 0:
-            raise UpdateRejected(f"client {client_id}: reports {result.num_examples} training examples")
         self._wire[client_id]["wire_bytes_up"] = message_bytes(reply)
         self._wire[client_id]["array_bytes_up"] = array_bytes(payload)
         return result, payload
