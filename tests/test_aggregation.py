@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexfed.aggregation import Aggregator, get_aggregator
-from flexfed.aggregation.fed_sb import sb_core, sb_factors, sb_frames
 from flexfed.aggregation.ffa_lora import shared_a
 from flexfed.aggregation.flexlora import flexlora_triplets, split_factors
 from flexfed.aggregation.flora import merge_into_base, merged_delta
@@ -353,24 +352,7 @@ def test_shared_a_is_deterministic_per_seed_and_module_with_peft_bounds():
     assert float(a.abs().max()) <= 1 / math.sqrt(100)
 
 
-def test_fed_sb_averages_the_core_exactly():
-    agg = get_aggregator("fed-sb")
-    assert agg.trainable == ("r",)
-    name, (d, k), r = "layers.0.up_proj", SHAPES["layers.0.up_proj"], 4
-    b, a = sb_frames(torch.randn(d, k, dtype=torch.float64), r)
-    cores = [torch.randn(r, r, dtype=torch.float64) for _ in range(3)]
-    s = scale_fn()(r)
-    updates = [{name: sb_factors(b, c, a, s)} for c in cores]
-    weights = [2.0, 1.0, 1.0]
-    g = agg.aggregate(updates, weights, {name: r}, scale_fn())
-    assert rel(g[name].delta(torch.float64), weighted_sum(updates, weights, name)) < 1e-12
-    mean_core = sum(w * c for w, c in zip(weights, cores)) / sum(weights)
-    assert torch.allclose(sb_core(g[name], a), mean_core, atol=1e-10)
-    other = {name: sb_factors(b + 1, cores[0], a, s)}
-    with pytest.raises(ValueError, match="different frozen B"):
-        agg.aggregate([updates[0], other], [1, 1], {name: r}, scale_fn())
-    with pytest.raises(ValueError, match="does not fit"):
-        sb_factors(b, torch.eye(r + 1), a, s)
+# Fed-SB's frames, core averaging and payload: tests/test_fed_sb.py
 
 
 # LoRA-FAIR's objective and bounds: tests/test_lora_fair.py
