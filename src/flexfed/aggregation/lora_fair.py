@@ -18,8 +18,7 @@ unregularised fit makes B′ explode. Because ΔB = 0 is always a candidate, the
 and the solver below returns a point whose objective is never above the one at ΔB = 0, so the
 bound holds for what it returns, not only for the exact minimiser.
 
-How it is solved (the paper runs SGD on the server; this is exact up to a 2-D search instead).
-Write X = B̄ + ΔB, C = ΔW Āᵀ (d x r), G = Ā Āᵀ (r x r), m = ‖ΔW‖_F. Then ⟨ΔW, X Ā⟩ = ⟨C, X⟩ and
+How it is solved (the paper runs SGD on the server; here a 2-D search replaces it). Write X = B̄ + ΔB, C = ΔW Āᵀ (d x r), G = Ā Āᵀ (r x r), m = ‖ΔW‖_F. Then ⟨ΔW, X Ā⟩ = ⟨C, X⟩ and
 ‖X Ā‖² = tr(X G Xᵀ), and setting the gradient to zero at any minimiser with ΔB ≠ 0 gives
 ΔB = a C − b X G with a = ‖ΔB‖/(λ m ‖XĀ‖) > 0 and b = a cos m/‖XĀ‖, hence
 
@@ -27,15 +26,18 @@ Write X = B̄ + ΔB, C = ΔW Āᵀ (d x r), G = Ā Āᵀ (r x r), m = ‖ΔW‖_
 
 In the eigenbasis G = V diag(g) Vᵀ the cosine, ‖XĀ‖ and ‖ΔB‖ of that family are sums over the r
 columns of a few precomputed column inner products of B̄V and CV, so each (a, b) costs O(r):
-a wide log grid over (a, b) followed by shrinking local grids finds the minimiser, and the best
-point is compared with ΔB = 0. Everything is built from the factors (C = Σ p_i s_i B_i (A_i Āᵀ),
+a wide log grid over (a, b) and shrinking local grids find the basin, Newton's method on the two
+stationarity equations pins the point to rounding, and the result is compared with ΔB = 0 (kept
+unless the search is better by more than rounding). Stationary points with b ≤ −1/g_max are not
+searched: they need cos < 0 at the optimum, which can beat ΔB = 0 only if B̄Ā already points
+away from ΔW. Everything is built from the factors (C = Σ p_i s_i B_i (A_i Āᵀ),
 m² from two (K r) x (K r) Grams of the stacked factors); ΔW (d x k) is never formed.
 
 Departures from the paper, stated: the paper writes a similarity S to minimise; cosine distance
 1 − cos is what makes "minimise" and "cosine similarity" agree, and ‖·‖ is read as the
-Frobenius norm (not squared). The paper solves the problem with SGD (its step size and step
-count are not given here); the 2-D search above reaches the minimiser of the same objective
-instead. λ = 0.01 comes from image models (ViT, MLP-Mixer) at rank 16: the cosine term is
+Frobenius norm (not squared). The paper solves the problem with SGD; the search above reaches
+the minimiser of the same objective instead of an SGD iterate near it. Since the cosine does not
+change with positive scales, B′ is given at the clients' common scale s. λ = 0.01 comes from image models (ViT, MLP-Mixer) at rank 16: the cosine term is
 dimensionless while ‖ΔB‖ carries the units of B, so the balance depends on the size of B (its
 init, learning rate and the LoRA scale). ``regularization`` sets λ.
 """
