@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexfed.aggregation import Aggregator, get_aggregator
-from flexfed.aggregation.fed_sb import sb_core, sb_factors, sb_frames
 from flexfed.aggregation.ffa_lora import shared_a
 from flexfed.aggregation.flexlora import flexlora_triplets, split_factors
 from flexfed.aggregation.flora import merge_into_base, merged_delta
@@ -353,48 +352,10 @@ def test_shared_a_is_deterministic_per_seed_and_module_with_peft_bounds():
     assert float(a.abs().max()) <= 1 / math.sqrt(100)
 
 
-def test_fed_sb_averages_the_core_exactly():
-    agg = get_aggregator("fed-sb")
-    assert agg.trainable == ("r",)
-    name, (d, k), r = "layers.0.up_proj", SHAPES["layers.0.up_proj"], 4
-    b, a = sb_frames(torch.randn(d, k, dtype=torch.float64), r)
-    cores = [torch.randn(r, r, dtype=torch.float64) for _ in range(3)]
-    s = scale_fn()(r)
-    updates = [{name: sb_factors(b, c, a, s)} for c in cores]
-    weights = [2.0, 1.0, 1.0]
-    g = agg.aggregate(updates, weights, {name: r}, scale_fn())
-    assert rel(g[name].delta(torch.float64), weighted_sum(updates, weights, name)) < 1e-12
-    mean_core = sum(w * c for w, c in zip(weights, cores)) / sum(weights)
-    assert torch.allclose(sb_core(g[name], a), mean_core, atol=1e-10)
-    other = {name: sb_factors(b + 1, cores[0], a, s)}
-    with pytest.raises(ValueError, match="different frozen B"):
-        agg.aggregate([updates[0], other], [1, 1], {name: r}, scale_fn())
-    with pytest.raises(ValueError, match="does not fit"):
-        sb_factors(b, torch.eye(r + 1), a, s)
+# Fed-SB's frames, core averaging and payload: tests/test_fed_sb.py
 
 
-# ----------------------------------------------------------------------------- LoRA-FAIR
-
-
-def test_lora_fair_is_the_least_squares_correction_of_b():
-    updates = [client(4, seed) for seed in range(3)]
-    weights = [1.0, 1.0, 2.0]
-    name = "layers.0.up_proj"
-    g = get_aggregator("lora-fair").aggregate(updates, weights, {n: 4 for n in SHAPES}, scale_fn())[name]
-    fedit = get_aggregator("fedit").aggregate(updates, weights, {n: 4 for n in SHAPES}, scale_fn())[name]
-    truth = weighted_sum(updates, weights, name)
-    assert torch.allclose(g.a, fedit.a)  # A is FedIT's average
-    # B' solves min ‖s B Ā − dW‖: compare with a dense least-squares solve
-    lstsq = torch.linalg.lstsq(g.a.mT, (truth / g.scale).mT).solution.mT
-    assert torch.allclose(g.b, lstsq, atol=1e-10)
-    assert torch.linalg.norm(g.delta(torch.float64) - truth) < torch.linalg.norm(fedit.delta(torch.float64) - truth)
-    # a ridge pulls B' towards FedIT's B̄
-    ridged = get_aggregator("lora-fair", ridge=1e3).aggregate(updates, weights, {n: 4 for n in SHAPES}, scale_fn())[
-        name
-    ]
-    assert torch.linalg.norm(ridged.b - fedit.b) < torch.linalg.norm(g.b - fedit.b)
-    with pytest.raises(ValueError, match="ridge"):
-        get_aggregator("lora-fair", ridge=-1)
+# LoRA-FAIR's objective and bounds: tests/test_lora_fair.py
 
 
 # ----------------------------------------------------------------------------- error paths

@@ -57,7 +57,7 @@ def _resources(args) -> int:
     from flexfed.engines.simulation import pick_device
     from flexfed.lora import target_shapes
     from flexfed.models import load_skeleton
-    from flexfed.resources import GIB, TrainingMemory, fit_budgets, rank_types, resolve_type
+    from flexfed.resources import GIB, TrainingMemory, client_mix, fit_budgets, quota_counts, rank_types, resolve_type
 
     config = load_config(args.config, args.set)
     model = load_skeleton(config.model.name, getattr(torch, config.model.dtype))
@@ -79,6 +79,11 @@ def _resources(args) -> int:
     if config.resources.distribution == "memory":
         for budget, profile in fit_budgets(config.resources.budgets_gib, types, memory).items():
             console.print(f"budget {budget} ({config.resources.budgets_gib[budget]:g} GiB) -> {profile.name}")
+    num_clients = config.data.num_clients
+    if num_clients and config.resources.distribution != "homogeneous":
+        counts = quota_counts(num_clients, client_mix(config.resources))
+        console.print(f"clients per {'budget' if config.resources.distribution == 'memory' else 'rank type'} "
+                      f"({num_clients} clients, {config.resources.distribution}): " + ", ".join(f"{n} {c}" for n, c in counts.items()))
     return 0
 
 

@@ -11,11 +11,16 @@ gets the largest type whose estimated peak training memory (``TrainingMemory``) 
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, Mapping, Sequence
 
 from flexfed.lora import ATTENTION, MLP, module_kind
+
+log = logging.getLogger(__name__)
 
 GIB = 2**30
 
@@ -52,11 +57,37 @@ def resolve_type(name: str, attention_rank: int, mlp_rank: int, shapes: Mapping[
     return RankProfile(name, ranks)
 
 
+def quota_counts(num_clients: int, mix: Mapping[str, float]) -> dict[str, int]:
+    """How many of ``num_clients`` get each name of ``mix`` (shares, any positive scale).
+
+    Largest remainder (Hamilton): each name gets the whole part of its quota N·share/Σshares,
+    and the seats left go one each to the largest fractional parts. Ties go to the larger share,
+    then to the name that sorts first (T2 before T3). Shares are read as the decimals they are
+    written as (0.05 is 1/20, not the nearest binary float), so 50 x 0.05 is exactly 2.5 and
+    the tie is a true tie. The counts sum to N and differ from every quota by less than one.
+    """
+    shares = {n: Fraction(repr(float(w))) for n, w in mix.items() if w > 0}
+    total = sum(shares.values())
+    if not shares or total <= 0:
+        raise ValueError(f"rank-type shares must be non-negative and not all zero, got {dict(mix)}")
+    quotas = {n: num_clients * w / total for n, w in shares.items()}
+    counts = {n: math.floor(q) for n, q in quotas.items()}
+    left = num_clients - sum(counts.values())
+    by_remainder = sorted(shares, key=lambda n: (-(quotas[n] - counts[n]), -shares[n], n))
+    for n in by_remainder[:left]:
+        counts[n] += 1
+    return dict(sorted(counts.items()))
+
+
 def assign_types(num_clients: int, mix: Mapping[str, float], seed: int) -> list[str]:
-    """Draw each client's type from ``mix`` (shares), reproducibly."""
-    names = sorted(mix)
-    rng = random.Random(f"{seed}/rank-types")
-    return rng.choices(names, weights=[mix[n] for n in names], k=num_clients)
+    """Each client's type: exactly ``quota_counts`` of each, in an order shuffled by the seed.
+
+    Drawing each client independently would make the realised shares noisy (50 clients of
+    heavy-tail-light drew 41/1/3/5 instead of 40/2.5/2.5/5); quotas keep them as close as
+    whole clients allow, and the shuffle still decides which client is which type."""
+    assignment = [n for n, c in quota_counts(num_clients, mix).items() for _ in range(c)]
+    random.Random(f"{seed}/rank-types").shuffle(assignment)
+    return assignment
 
 
 def max_ranks(profiles: Sequence[RankProfile]) -> dict[str, int]:
@@ -73,6 +104,18 @@ def rank_types(resources) -> dict[str, tuple[int, int]]:
     return {**RANK_TYPES, **{n: (t.attention, t.mlp) for n, t in resources.types.items()}}
 
 
+def client_mix(resources) -> dict[str, float]:
+    """Shares of clients by rank type, or by budget under ``distribution: memory`` (equal shares
+    unless ``mix`` says otherwise); names with share 0 are left out."""
+    if resources.distribution == "memory":
+        mix = resources.mix or dict.fromkeys(resources.budgets_gib, 1.0)
+    elif resources.distribution == "custom":
+        mix = resources.mix
+    else:
+        mix = DISTRIBUTIONS[resources.distribution]
+    return {n: mix[n] for n in sorted(mix) if mix[n] > 0}
+
+
 def client_profiles(resources, lora, shapes: Mapping[str, tuple[int, int]], num_clients: int, seed: int, memory: TrainingMemory | None = None):
     """(profiles, profile index of each client) for a run's ``resources`` and ``lora`` config.
 
@@ -84,26 +127,29 @@ def client_profiles(resources, lora, shapes: Mapping[str, tuple[int, int]], num_
         if too_big:
             name, cap = next(iter(too_big.items()))
             raise ValueError(f"lora.rank={lora.rank} is larger than layer {name} allows (min(d_out, d_in) = {cap})")
+        log.info("clients per rank type: homogeneous (rank %d) %d", lora.rank, num_clients)
         return [resolve_type("homogeneous", lora.rank, lora.rank, shapes)], [0] * num_clients
     types = rank_types(resources)
     if resources.distribution == "memory":
         if memory is None:
             raise ValueError("resources.distribution=memory needs a training-memory estimate for the model")
-        mix = resources.mix or dict.fromkeys(resources.budgets_gib, 1.0)
-        names = sorted(n for n in mix if mix[n] > 0)
+        mix = client_mix(resources)
+        names = sorted(mix)
         fits = fit_budgets({n: resources.budgets_gib[n] for n in names}, types, memory)
         chosen = sorted({p.name for p in fits.values()})  # several budgets may get the same type
         profiles = [next(p for p in fits.values() if p.name == n) for n in chosen]
         index = {b: chosen.index(fits[b].name) for b in names}
     else:
-        mix = resources.mix if resources.distribution == "custom" else DISTRIBUTIONS[resources.distribution]
+        mix = client_mix(resources)
         unknown = sorted(set(mix) - set(types))
         if unknown:
             raise ValueError(f"resources.mix names unknown rank types {unknown}; known: {sorted(types)}")
-        names = sorted(n for n in mix if mix[n] > 0)
+        names = sorted(mix)
         profiles = [resolve_type(n, *types[n], shapes) for n in names]
         index = {n: i for i, n in enumerate(names)}
-    return profiles, [index[n] for n in assign_types(num_clients, {n: mix[n] for n in names}, seed)]
+    assignment = [index[n] for n in assign_types(num_clients, mix, seed)]
+    log.info("clients per rank type: %s", ", ".join(f"{p.name} {assignment.count(i)}" for i, p in enumerate(profiles)))
+    return profiles, assignment
 
 
 # ----------------------------------------------------------------------------- memory budgets

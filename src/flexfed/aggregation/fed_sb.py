@@ -13,14 +13,15 @@ without special cases. Averaging the ``a`` of clients that share ``b`` bit for b
 exactly averaging R (``sum_i p_i R_i A = R̄ A``); the aggregator checks that B is shared. The core
 itself, e.g. for sending r² numbers, is recovered with ``sb_core``.
 
-Frames. LoRA-SB derives B and A from the SVD of a first full fine-tuning gradient (``sb_frames``),
-so that B R A starts in the subspace that matters most. Federated, that gradient lives on the
-clients: using it would take d x k numbers of traffic (or one client's data deciding the frames
-for everyone). flexfed instead draws *seeded orthonormal frames* (``seeded_frames``) from the run
-seed, the module name and the rank: every party builds the same B and A with no traffic and no
-data, and only R ever crosses the wire (r² numbers per matrix each way). The price is a frame
-that is not adapted to the task, so R starts from a random r-dimensional subspace; the round-0
-core is R = 0 (ΔW = 0, like PEFT's B = 0), whose gradient s Bᵀ G Aᵀ is not zero.
+Frames: a departure from the paper, stated. LoRA-SB derives B and A from the SVD of a first full
+fine-tuning gradient, so that B R A starts in the subspace that matters most. Federated, that
+gradient lives on the clients: using it would take d x k numbers of traffic (or one client's
+data deciding the frames for everyone). flexfed does not implement that initialisation. It
+draws *seeded orthonormal frames* (``seeded_frames``) from the run seed, the module name and the
+rank: every party builds the same B and A with no traffic and no data, and only R ever crosses
+the wire (r² numbers per matrix each way). The price is a frame that is not adapted to the
+task, so R starts from a random r-dimensional subspace; the round-0 core is R = 0 (ΔW = 0, like
+PEFT's B = 0), whose gradient s Bᵀ G Aᵀ is not zero.
 """
 
 from __future__ import annotations
@@ -57,17 +58,6 @@ def seeded_frames(seed: int, name: str, shape: tuple[int, int], rank: int) -> tu
     b = torch.linalg.qr(torch.randn(d_out, rank, generator=generator, dtype=torch.float64))[0]
     a = torch.linalg.qr(torch.randn(d_in, rank, generator=generator, dtype=torch.float64))[0].mT
     return b.float().contiguous(), a.float().contiguous()
-
-
-def sb_frames(gradient: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Fixed frames B = U_r, A = V_rᵀ from the top singular vectors of a first-step gradient.
-
-    LoRA-SB initializes its frames so that B R A spans the best rank-r approximation of the
-    first full fine-tuning update; the core R is then trained from there (zero is a valid start:
-    with orthonormal B and A its gradient Bᵀ G Aᵀ is not zero).
-    """
-    u, _, vh = torch.linalg.svd(gradient.to(torch.promote_types(gradient.dtype, torch.float32)), full_matrices=False)
-    return u[:, :rank].contiguous(), vh[:rank].contiguous()
 
 
 class FedSB(SharedFactorAggregator):
