@@ -53,6 +53,6 @@ class LoRAFAIR(Aggregator):
             raise ValueError(f"lora-fair: ridge must be >= 0, got {ridge}")
         self.ridge = ridge
 
-    def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
+    def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:
         names, p = validate(updates, weights)
         return {n: lora_fair_refine([u[n] for u in updates], p, self.ridge) for n in names}
