@@ -221,8 +221,10 @@ def _client_bytes(method, shape, rank, last_ranks):
     [("fedit", "homogeneous"), ("hetlora", "uniform"), ("flexlora", "uniform"), ("ffa-lora", "homogeneous"), ("fed-sb", "homogeneous"), ("flora", "uniform")],
 )
 def test_bytes_are_the_methods_payloads(tiny_config, method, distribution):
+    # HetLoRA without self-pruning: every client sends the rank it was served (pruned sends are tested apart)
+    options = ["federation.method_options={prune: false}"] if method == "hetlora" else []
     config = tiny_config(
-        f"name={method}", f"federation.method={method}", f"resources.distribution={distribution}", "federation.rounds=2", "eval.every=5", "eval.seen_examples=2", "eval.unseen_examples=2"
+        f"name={method}", f"federation.method={method}", f"resources.distribution={distribution}", "federation.rounds=2", "eval.every=5", "eval.seen_examples=2", "eval.unseen_examples=2", *options
     )
     assert config.model.dtype == "float32"
     sim = Simulation(config)
