@@ -249,6 +249,7 @@ class Simulation:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(config_lib.dump(self.config))
         state = self.server.initial_state()
+        self.server.use_ranks(state)  # every client at its profile's ranks
         log.info("round 0: evaluating the untouched model")
         registered = len(self.federation.clients)  # the federation's size; later rounds record only the sampled clients
         state.metrics = [{"round": 0, "method": self.config.federation.method, "clients_registered": registered, "train_loss": None, **self.evaluate(state)}]
