@@ -87,6 +87,17 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tm
     assert _strip_timing(_metrics(whole.run_dir)) == _strip_timing(_metrics(parted.run_dir))
 
 
+def test_hetlora_leaves_no_dead_components_in_the_global(tiny_config):
+    """Regression: with mostly rank-8 clients (heavy-tail-light), every round without a high-rank
+    client zeroed A and B of the global's components 8 and up, for good (320 of 384 after 3 rounds)."""
+    config = tiny_config("federation.method=hetlora", "resources.distribution=heavy-tail-light", "federation.rounds=3", "eval.every=5", "eval.seen_examples=2", "eval.unseen_examples=2")
+    run(config, show_progress=False)
+    state = load_checkpoint(config.run_dir)
+    dead = [(n, j) for n, f in state.global_adapter.items() for j in range(f.rank) if not f.a[j].any() and not f.b[:, j].any()]
+    assert dead == []
+    assert max(f.rank for f in state.global_adapter.values()) > 8  # there were components beyond the rank-8 clients
+
+
 def test_hetlora_self_pruning_cuts_a_clients_rank_and_the_server_serves_it_that_rank(tiny_config):
     from flexfed.federation import client_examples
     from flexfed.lora import Factors
