@@ -258,7 +258,7 @@ def test_fedit_averages_factors_not_products():
 def test_hetlora_zero_pads_with_each_clients_scale():
     small, big = client(2, 0), client(6, 1)
     scale = scale_fn()
-    agg = get_aggregator("hetlora")
+    agg = get_aggregator("hetlora", sparsity_weighted=False)  # plain example weights: p = (1/2, 1/2)
     g = agg.aggregate([small, big], [1, 1], {n: 6 for n in SHAPES}, scale)
     for name in SHAPES:
         f = g[name]
@@ -276,19 +276,128 @@ def test_hetlora_zero_pads_with_each_clients_scale():
         assert torch.allclose(down[name].delta(torch.float64), expected, atol=1e-12)
 
 
-def test_hetlora_norm_weighting_favours_larger_updates():
-    quiet, loud = client(4, 0), client(4, 1)
-    loud = {n: Factors(b=10 * f.b, a=f.a, scale=f.scale) for n, f in loud.items()}
+def _known_factors(rank: int, size: float, d: int = 6, k: int = 5) -> Factors:
+    """B A = size · E_11 (one unit entry), so ‖s(r) B A‖_F = s(r) · size exactly."""
+    b = torch.zeros(d, rank, dtype=torch.float64)
+    a = torch.zeros(rank, k, dtype=torch.float64)
+    b[0, 0], a[0, 0] = size, 1.0
+    return Factors(b=b, a=a, scale=lora_scale(rank, ALPHA))
+
+
+def test_hetlora_sparsity_weights_are_the_papers_formula_and_on_by_default():
+    from flexfed.aggregation.hetlora import sparsity_weights
+
+    clients = [_known_factors(2, 1.0), _known_factors(4, 3.0), _known_factors(8, 2.0)]
+    norms = [ALPHA / 2 * 1.0, ALPHA / 4 * 3.0, ALPHA / 8 * 2.0]  # s(r_i) ‖B_i A_i‖_F = 8, 12, 4
+    expected = [n / sum(norms) for n in norms]  # 1/3, 1/2, 1/6, whatever the example counts
+    assert sparsity_weights(clients, [0.7, 0.2, 0.1]) == pytest.approx(expected, abs=1e-15)
+    # a client without examples takes no part; all-zero updates fall back to the example weights
+    assert sparsity_weights(clients, [0.5, 0.5, 0.0]) == pytest.approx([0.4, 0.6, 0.0], abs=1e-15)
+    zero = [Factors(b=0 * f.b, a=f.a, scale=f.scale) for f in clients]
+    assert sparsity_weights(zero, [0.7, 0.2, 0.1]) == [0.7, 0.2, 0.1]
+    # the default aggregator uses them: the global's column 0 is sum_i w_i s(r_i)/s(8) B_i[:, 0]
+    g = get_aggregator("hetlora").aggregate([{"m": f} for f in clients], [7, 2, 1], {"m": 8}, scale_fn())["m"]
+    column = sum(w * f.scale / lora_scale(8, ALPHA) * f.b[0, 0] for w, f in zip(expected, clients))
+    assert float(g.b[0, 0]) == pytest.approx(float(column), rel=1e-14)
+    assert float(g.a[0, 0]) == pytest.approx(1.0, rel=1e-14)  # every client's A[0, 0] is 1, weights sum to 1
+    # sparsity weighting off: p_i = n_i / sum n_j
+    plain = get_aggregator("hetlora", sparsity_weighted=False).aggregate([{"m": f} for f in clients], [7, 2, 1], {"m": 8}, scale_fn())["m"]
+    column = sum(p * f.scale / lora_scale(8, ALPHA) * f.b[0, 0] for p, f in zip([0.7, 0.2, 0.1], clients))
+    assert float(plain.b[0, 0]) == pytest.approx(float(column), rel=1e-14)
+
+
+def _gradient_on(f: Factors, rows: slice, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ‖x (s B A)ᵀ − y‖² with respect to B[:, rows] and A[rows]."""
+    b, a = f.b.clone().requires_grad_(True), f.a.clone().requires_grad_(True)
+    loss = ((x @ (f.scale * b @ a).mT - y) ** 2).sum()
+    loss.backward()
+    return b.grad[:, rows], a.grad[rows]
+
+
+def test_hetlora_components_no_client_reached_keep_training():
+    """Regression: a round of rank-2 clients used to zero A and B of components 2..5 of a rank-6
+    global, and a later rank-6 client then had exactly zero gradient there, forever."""
+    scale = scale_fn()
     name = "layers.0.q_proj"
-    plain = get_aggregator("hetlora").aggregate([quiet, loud], [1, 1], {name: 4}, scale_fn())[name]
-    weighted = get_aggregator("hetlora", norm_weighted=True).aggregate([quiet, loud], [1, 1], {name: 4}, scale_fn())[
-        name
-    ]
-    # the loud client's norm is ~10x the quiet one's: its weight goes from 1/2 to ~10/11
-    norms = [u[name].delta(torch.float64).norm() for u in (quiet, loud)]
-    w = float(norms[1] / sum(norms))
-    assert torch.allclose(weighted.a, (1 - w) * quiet[name].a + w * loud[name].a, atol=1e-12)
-    assert not torch.allclose(plain.a, weighted.a)
+    g = torch.Generator().manual_seed(3)
+    previous = {name: Factors(b=torch.zeros(24, 6, dtype=torch.float64), a=torch.randn(6, 24, generator=g, dtype=torch.float64), scale=scale(6))}
+    agg = get_aggregator("hetlora")
+    low = [{name: client(2, seed)[name]} for seed in (0, 1)]
+    new = agg.aggregate(low, [1, 1], {name: 6}, scale, previous=previous)[name]
+    # the untouched components are the previous global's, with the same product
+    assert torch.equal(new.a[2:], previous[name].a[2:])
+    assert torch.allclose(new.scale * new.b[:, 2:] @ new.a[2:], previous[name].scale * previous[name].b[:, 2:] @ previous[name].a[2:])
+    start = agg.distribute({name: new}, {name: 6}, scale)[name]  # the next rank-6 client's start
+    x, y = torch.randn(16, 24, generator=g, dtype=torch.float64), torch.randn(16, 24, generator=g, dtype=torch.float64)
+    grad_b, grad_a = _gradient_on(start, slice(2, 6), x, y)
+    assert start.a[2:].abs().sum() > 0 and grad_b.abs().sum() > 0  # B's columns 2..5 train again
+    # without the previous global (the old behaviour) the same components are dead: zero factors, zero gradients
+    dead = agg.distribute(agg.aggregate(low, [1, 1], {name: 6}, scale), {name: 6}, scale)[name]
+    grad_b, grad_a = _gradient_on(dead, slice(2, 6), x, y)
+    assert not dead.a[2:].any() and not dead.b[:, 2:].any()
+    assert not grad_b.any() and not grad_a.any()
+
+
+def test_hetlora_pruning_penalty_gradient_is_its_formula():
+    from flexfed.aggregation.hetlora import RankSelfPruning
+
+    rule = RankSelfPruning(gamma=0.5, lam=0.3)
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(4, 1, generator=g, dtype=torch.float64, requires_grad=True)  # rank 1: no tail
+    a1 = torch.randn(1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    penalty = rule.penalty({"m": (b, a), "one": (b1, a1)})
+    tail = b[:, 3:].detach() @ a[3:].detach()  # ⌊0.5 · 6⌋ = 3 components kept, 3 penalised
+    assert float(penalty.detach()) == pytest.approx(0.3 * float(tail.norm()), rel=1e-12)
+    penalty.backward()
+    # d λ‖B_t A_t‖_F / dB_t = λ (B_t A_t) A_tᵀ / ‖B_t A_t‖_F, and likewise for A_t; the head has none
+    assert torch.allclose(b.grad[:, 3:], 0.3 * tail @ a[3:].detach().mT / tail.norm(), atol=1e-12)
+    assert torch.allclose(a.grad[3:], 0.3 * b[:, 3:].detach().mT @ tail / tail.norm(), atol=1e-12)
+    assert not b.grad[:, :3].any() and not a.grad[:3].any()
+    assert b1.grad is None and a1.grad is None
+    # an all-zero tail (B = 0 at the start of training) has penalty 0 and gradient 0, not NaN
+    zero_b = torch.zeros(7, 6, dtype=torch.float64, requires_grad=True)
+    rule.penalty({"m": (zero_b, a)}).backward()
+    assert torch.equal(zero_b.grad, torch.zeros_like(zero_b))
+
+
+def test_hetlora_client_prunes_only_when_its_tail_shrank():
+    from flexfed.aggregation.hetlora import RankSelfPruning
+
+    scale = scale_fn()
+    rule = RankSelfPruning(gamma=0.5, lam=0.1)
+    start = client({n: 4 for n in SHAPES} | {"layers.0.up_proj": 1}, 0)
+    faded = {n: Factors(b=torch.cat([f.b[:, :2], 0.5 * f.b[:, 2:]], 1), a=f.a, scale=f.scale) for n, f in start.items()}
+    grown = {n: Factors(b=torch.cat([f.b[:, :2], 2 * f.b[:, 2:]], 1), a=f.a, scale=f.scale) for n, f in start.items()}
+    assert rule.finish(start, grown, scale) == grown  # the tail grew: nothing is cut
+    pruned = rule.finish(start, faded, scale)
+    assert {n: f.rank for n, f in pruned.items()} == rule.pruned_ranks({n: f.rank for n, f in start.items()})
+    assert pruned["layers.0.up_proj"].rank == 1 and pruned["layers.0.q_proj"].rank == 2  # rank 1 stays 1
+    for n, f in pruned.items():  # the kept components carry the same product at their new scale
+        assert f.scale == scale(f.rank)
+        kept = faded[n].scale * faded[n].b[:, : f.rank] @ faded[n].a[: f.rank]
+        assert torch.allclose(f.delta(torch.float64), kept, atol=1e-12)
+
+
+def test_hetlora_options_are_checked():
+    agg = get_aggregator("hetlora")
+    assert agg.sparsity_weighted and agg.local_rule() is not None  # the paper's method by default
+    assert (agg.local_rule().gamma, agg.local_rule().lam) == (0.99, 0.01)
+    assert get_aggregator("hetlora", prune=False).local_rule() is None
+    assert get_aggregator("hetlora", **{"lambda": 0.5, "gamma": 0.9}).local_rule().lam == 0.5
+    for options, match in [
+        ({"gamma": 1.0}, "gamma"),
+        ({"gamma": 0}, "gamma"),
+        ({"lambda": -1}, "lambda"),
+        ({"prune": "yes"}, "prune"),
+        ({"norm_weighted": True}, "unknown options"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            get_aggregator("hetlora", **options)
+    for method in sorted(Aggregator.registry):  # every other method trains plainly
+        if method != "hetlora":
+            assert get_aggregator(method).local_rule() is None
 
 
 # ----------------------------------------------------------------------------- FLoRA

@@ -335,3 +335,30 @@ def test_every_method_gives_the_same_result_through_flower_messages(method, tiny
                 assert y["bytes_down"] > x["bytes_down"]
             else:
                 assert x["bytes_down"] == y["bytes_down"]
+
+
+def test_hetlora_self_pruning_through_flower_messages_equals_the_simulator(tiny_config, task_identity, monkeypatch):
+    """Nodes train with the method's local rule too: clients prune on the node, the server accepts
+    their lower ranks, and serves them those ranks afterwards, exactly as in the simulator."""
+    monkeypatch.setattr(Simulation, "evaluate", lambda self, state: {"time_eval_s": 0.0})
+    settings = [
+        "federation.method=hetlora",
+        "federation.method_options={prune: true, gamma: 0.5, lambda: 10.0}",  # strong, so that clients do prune
+        "resources.distribution=heavy-tail-light",
+        "federation.rounds=4",
+        "eval.seen_examples=2",
+        "eval.unseen_examples=2",
+    ]
+    states, metrics = {}, {}
+    for engine in ("simulator", "flower"):
+        config = tiny_config(f"name={engine}", *settings)
+        sim = Simulation(config) if engine == "simulator" else FlowerEngine(config, grid=ScriptedGrid({}))
+        sim.run(show_progress=False)
+        states[engine] = load_checkpoint(config.run_dir)
+        metrics[engine] = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    a, b = states["simulator"], states["flower"]
+    assert a.client_ranks == b.client_ranks and a.client_ranks  # some clients pruned, the same ones
+    assert all(torch.equal(a.global_adapter[n].a, b.global_adapter[n].a) and torch.equal(a.global_adapter[n].b, b.global_adapter[n].b) for n in a.global_adapter)
+    for x, y in zip(metrics["simulator"], metrics["flower"]):
+        assert [c["bytes_up"] for c in x["clients"]] == [c["bytes_up"] for c in y["clients"]]
+        assert y["clients_reported"] == y["clients_sampled"]  # no pruned update was refused

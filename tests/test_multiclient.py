@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from flexfed.aggregation import get_aggregator
 from flexfed.client import LocalTrainer
 from flexfed.config import load_config
 from flexfed.data import encode_for_training
@@ -121,6 +122,26 @@ def test_only_b_trains_when_a_is_frozen(tokenizer, jobs):
     for j, a, job in zip(joint, alone, jobs):
         assert all(torch.equal(j.adapter[n].a, job.start[n].a) for n in job.start)
         _assert_same(j, a, job.start)
+
+
+def test_a_methods_penalty_and_pruning_are_the_same_trained_together(tokenizer, jobs):
+    """HetLoRA's local rule (tail penalty every step, rank cut at the end) in the batched trainer
+    gives what the one training loop gives, pruned ranks included."""
+    rule = get_aggregator("hetlora", gamma=0.5, **{"lambda": 10.0}).local_rule()
+    trainer = _trainer(tokenizer)
+    joint = train_clients(trainer, jobs, per_pass=3, rule=rule)
+    alone = train_clients(trainer, jobs, per_pass=1, rule=rule)
+    pruned = 0
+    for j, a, job in zip(joint, alone, jobs):
+        ranks = {n: f.rank for n, f in a.adapter.items()}
+        assert ranks == {n: f.rank for n, f in j.adapter.items()}
+        assert ranks in ({n: f.rank for n, f in job.start.items()}, rule.pruned_ranks({n: f.rank for n, f in job.start.items()}))
+        pruned += ranks != {n: f.rank for n, f in job.start.items()}
+        torch.testing.assert_close(torch.tensor(j.losses), torch.tensor(a.losses), **LOSS_TOLERANCE)
+        for n, f in a.adapter.items():
+            torch.testing.assert_close(j.adapter[n].a, f.a, **FACTOR_TOLERANCE)
+            torch.testing.assert_close(j.adapter[n].b, f.b, **FACTOR_TOLERANCE)
+    assert pruned > 0
 
 
 def test_auto_clients_per_pass():

@@ -44,28 +44,93 @@ def test_a_run_writes_config_metrics_adapters_and_report_inputs(tiny_config):
         run(config, show_progress=False)
 
 
-@pytest.mark.parametrize("method, distribution", [("fedit", "homogeneous"), ("flora", "uniform")])
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path, method, distribution):
-    settings = ["federation.rounds=3", "eval.every=2", f"federation.method={method}", f"resources.distribution={distribution}"]
+# HetLoRA with a strong tail penalty, so that clients do prune themselves within the run.
+PRUNING = "federation.method_options={prune: true, gamma: 0.5, lambda: 10.0}"
+
+
+@pytest.mark.parametrize(
+    "method, distribution, rounds, stop, extra",
+    [
+        ("fedit", "homogeneous", 3, 1, []),
+        ("flora", "uniform", 3, 1, []),
+        # HetLoRA: its first prunes come in round 3 (round 1 starts every tail at B = 0, and
+        # round 2's tails are too small to shrink), so the run stops after them, and more follow
+        ("hetlora", "heavy-tail-light", 4, 3, [PRUNING, "federation.sample_fraction=0.4"]),
+    ],
+)
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tmp_path, method, distribution, rounds, stop, extra):
+    settings = [f"federation.rounds={rounds}", "eval.every=2", f"federation.method={method}", f"resources.distribution={distribution}", *extra]
     whole = tiny_config("name=whole", *settings)
     parted = tiny_config("name=parted", *settings)
     run(whole, show_progress=False)
-    run(parted, show_progress=False, stop_after=1)
-    assert load_checkpoint(parted.run_dir).round == 1
+    run(parted, show_progress=False, stop_after=stop)
+    assert load_checkpoint(parted.run_dir).round == stop
+    pruned_before = load_checkpoint(parted.run_dir).client_ranks
     # A crash after the metrics line but before the checkpoint leaves a stray line behind.
     with open(parted.run_dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps({"round": 2, "stray": True}) + "\n")
+        fh.write(json.dumps({"round": stop + 1, "stray": True}) + "\n")
     run(parted, resume=True, show_progress=False)
 
     a, b = load_checkpoint(whole.run_dir), load_checkpoint(parted.run_dir)
-    assert a.round == b.round == 3
+    assert a.round == b.round == rounds
     if method == "flora":  # the merged base is part of the state
         assert set(a.base_update) == set(b.base_update) and a.base_update
         assert all(torch.equal(a.base_update[n].a, b.base_update[n].a) and torch.equal(a.base_update[n].b, b.base_update[n].b) for n in a.base_update)
+    if method == "hetlora":  # the ranks clients pruned themselves to are part of the state
+        assert a.client_ranks == b.client_ranks and pruned_before
+        # and clients pruned before the interruption were served their pruned ranks after it
+        after = [c for m in _metrics(parted.run_dir) if m["round"] > stop for c in m["clients"] if c["id"] in pruned_before]
+        assert after and all(set(c["ranks"].values()) == set(pruned_before[c["id"]].values()) for c in after)
     for name in a.global_adapter:
         assert torch.equal(a.global_adapter[name].a, b.global_adapter[name].a)
         assert torch.equal(a.global_adapter[name].b, b.global_adapter[name].b)
     assert _strip_timing(_metrics(whole.run_dir)) == _strip_timing(_metrics(parted.run_dir))
+
+
+def test_hetlora_leaves_no_dead_components_in_the_global(tiny_config):
+    """Regression: with mostly rank-8 clients (heavy-tail-light), every round without a high-rank
+    client zeroed A and B of the global's components 8 and up, for good (320 of 384 after 3 rounds)."""
+    config = tiny_config("federation.method=hetlora", "resources.distribution=heavy-tail-light", "federation.rounds=3", "eval.every=5", "eval.seen_examples=2", "eval.unseen_examples=2")
+    run(config, show_progress=False)
+    state = load_checkpoint(config.run_dir)
+    dead = [(n, j) for n, f in state.global_adapter.items() for j in range(f.rank) if not f.a[j].any() and not f.b[:, j].any()]
+    assert dead == []
+    assert max(f.rank for f in state.global_adapter.values()) > 8  # there were components beyond the rank-8 clients
+
+
+def test_hetlora_self_pruning_cuts_a_clients_rank_and_the_server_serves_it_that_rank(tiny_config):
+    from flexfed.federation import client_examples
+    from flexfed.lora import Factors
+    from flexfed.server import UpdateRejected
+
+    config = tiny_config("federation.method=hetlora", PRUNING, "resources.distribution=homogeneous", "eval.seen_examples=2", "eval.unseen_examples=2")
+    sim = Simulation(config)
+    server, link = sim.server, sim.server.link
+    state = server.initial_state()
+    g = torch.Generator().manual_seed(0)  # a trained-looking global: B != 0, so every tail has a norm to lose
+    state.global_adapter = {n: Factors(b=0.05 * torch.randn(f.b.shape, generator=g), a=f.a, scale=f.scale) for n, f in state.global_adapter.items()}
+    c, other = server.sample(1)[:2]
+    served = dict(server.ranks_of(c))
+    assert set(served.values()) == {4}
+    seed = server.client_seed(1, c)
+    start = link.start(server.downlink(state, c), served, seed)
+    examples = client_examples(config, sim.tokenizer, sim.federation, sim.federation.clients[c])
+    result = sim.trainer.train(sim.federation.clients[c].client_id, start, examples, seed, rule=server.local_rule)
+    tail = server.local_rule.tail_norm
+    plain = sim.trainer.train(sim.federation.clients[c].client_id, start, examples, seed)  # the same steps without the rule
+    assert float(tail({n: (f.b, f.a) for n, f in plain.adapter.items()})) > 0
+    assert {f.rank for f in result.adapter.values()} == {2}  # ⌊0.5 · 4⌋
+    update = server.receive(c, link.send(result.adapter, served))
+    # a rank that is neither what it was served nor its pruned rank is refused
+    odd = {n: Factors(b=f.b[:, :3], a=f.a[:3], scale=server.scale(3)) for n, f in start.items()}
+    with pytest.raises(UpdateRejected, match="expected rank"):
+        server.receive(other, link.send(odd, served))
+    new = server.advance(state, 1, [update], [result.num_examples])
+    client_id = sim.federation.clients[c].client_id
+    assert new.client_ranks == {client_id: {n: 2 for n in served}}
+    assert dict(server.ranks_of(c)) == {n: 2 for n in served} and set(server.ranks_of(other).values()) == {4}
+    down = server.downlink(new, c)  # next round: the first two components of the new global
+    assert {t.shape for k, t in down.items() if k.endswith(".a")} == {(2, server.shapes[n][1]) for n in served}
 
 
 def test_resume_without_checkpoint_is_an_error(tiny_config):
@@ -170,8 +235,10 @@ def _client_bytes(method, shape, rank, last_ranks):
     [("fedit", "homogeneous"), ("hetlora", "uniform"), ("flexlora", "uniform"), ("ffa-lora", "homogeneous"), ("fed-sb", "homogeneous"), ("flora", "uniform")],
 )
 def test_bytes_are_the_methods_payloads(tiny_config, method, distribution):
+    # HetLoRA without self-pruning: every client sends the rank it was served (pruned sends are tested apart)
+    options = ["federation.method_options={prune: false}"] if method == "hetlora" else []
     config = tiny_config(
-        f"name={method}", f"federation.method={method}", f"resources.distribution={distribution}", "federation.rounds=2", "eval.every=5", "eval.seen_examples=2", "eval.unseen_examples=2"
+        f"name={method}", f"federation.method={method}", f"resources.distribution={distribution}", "federation.rounds=2", "eval.every=5", "eval.seen_examples=2", "eval.unseen_examples=2", *options
     )
     assert config.model.dtype == "float32"
     sim = Simulation(config)

@@ -3,6 +3,9 @@
 One ``LocalTrainer`` wraps the base model with PEFT once and keeps one adapter slot per rank
 layout, so a new client costs a copy of its starting factors, not a new model.
 
+A method may add a ``LocalRule`` (``Aggregator.local_rule``, e.g. HetLoRA's rank self-pruning):
+its penalty joins the loss at every step of ``_fit`` and its ``finish`` decides what is sent.
+
 Beyond plain LoRA, the trainer serves two methods: Fed-SB trains only an r x r core R (the
 slot's ``lora_A`` weight is parametrized as R @ A with the frame A a buffer, so reading the
 adapter still gives ``Factors(b=B, a=R @ A)``), and FLoRA trains on base weights with the
@@ -16,15 +19,16 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from flexfed.aggregation.base import LocalRule
 from flexfed.config import LoraConfig, TrainingConfig
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
-from flexfed.lora import Adapter, Factors, get_adapter, lora_modules, peft_config, set_adapter
+from flexfed.lora import Adapter, Factors, get_adapter, lora_modules, lora_scale, peft_config, set_adapter
 
 class ClientFailure(RuntimeError):
     """A client could not produce an update (e.g. its examples failed to load); the message names it."""
@@ -199,15 +203,21 @@ class LocalTrainer:
         seed: int,
         trainable: Sequence[str] = ("a", "b"),
         frames: Mapping[str, Factors] | None = None,
+        rule: LocalRule | None = None,
     ) -> ClientResult:
-        """Train from ``start`` on ``examples``; deterministic for a given ``seed`` (``frames``: see ``activate``)."""
+        """Train from ``start`` on ``examples``; deterministic for a given ``seed`` (``frames``: see
+        ``activate``; ``rule``: the method's penalty and pruning, see the module docstring)."""
         began = time.perf_counter()
         name = self.activate(start, trainable, frames)
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        losses, tokens = self._fit(client_id, self.peft_model, params, examples, seed)
+        penalty = None
+        if rule is not None:
+            live = {n: (layer.lora_B[name].weight, layer.lora_A[name].weight) for n, layer in lora_modules(self.peft_model).items()}
+            penalty = lambda: rule.penalty(live)  # noqa: E731
+        losses, tokens = self._fit(client_id, self.peft_model, params, examples, seed, penalty)
         return ClientResult(
             client_id=client_id,
-            adapter=get_adapter(self.peft_model, adapter_name=name),
+            adapter=self.finish(start, get_adapter(self.peft_model, adapter_name=name), rule),
             num_examples=len(examples),
             loss=sum(losses) / len(losses),
             tokens=tokens,
@@ -233,8 +243,26 @@ class LocalTrainer:
             sparse.detach(linears)
         return ClientResult(client_id, {}, len(examples), sum(losses) / len(losses), tokens, time.perf_counter() - began, losses, values)
 
-    def _fit(self, client_id: str, model, params: list[torch.Tensor], examples: Sequence[EncodedExample], seed: int) -> tuple[list[float], int]:
-        """The local optimisation loop: per-step losses and real tokens processed."""
+    def scale(self, rank: int) -> float:
+        return lora_scale(rank, self.lora.alpha, self.lora.rslora)
+
+    def finish(self, start: Adapter, trained: Adapter, rule: LocalRule | None) -> Adapter:
+        """What the client sends: the trained adapter, or what the method's rule makes of it."""
+        return trained if rule is None else rule.finish(start, trained, self.scale)
+
+    def _fit(
+        self,
+        client_id: str,
+        model,
+        params: list[torch.Tensor],
+        examples: Sequence[EncodedExample],
+        seed: int,
+        penalty: Callable[[], torch.Tensor] | None = None,
+    ) -> tuple[list[float], int]:
+        """The local optimisation loop: per-step data losses and real tokens processed.
+
+        ``penalty`` (the method's regulariser over the live factors) is added to what is minimised;
+        the recorded losses stay the data loss, comparable across methods."""
         if not examples:
             raise ValueError(f"client {client_id}: no training examples")
         optimizer = self._optimizer(params)
@@ -247,10 +275,11 @@ class LocalTrainer:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
                 loss = response_loss(model, batch)
-            if not torch.isfinite(loss):
+            objective = loss if penalty is None else loss + penalty()
+            if not torch.isfinite(objective):
                 raise FloatingPointError(f"client {client_id}: non-finite training loss at step {len(losses)}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             if self.training.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm)
             optimizer.step()

@@ -32,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from flexfed.aggregation.base import LocalRule
 from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, batch_schedule, collate, response_token_losses
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
@@ -64,16 +65,18 @@ def train_clients(
     per_pass: int,
     trainable: Sequence[str] = ("a", "b"),
     on_done: Callable[[], None] | None = None,
+    rule: LocalRule | None = None,
 ) -> list[ClientResult | Exception]:
-    """Train every job, ``per_pass`` clients at a time; a result or the client's error, in job order."""
+    """Train every job, ``per_pass`` clients at a time; a result or the client's error, in job order.
+    ``rule``: the method's local penalty and pruning (``LocalTrainer.train``)."""
     if per_pass > 1 and set(trainable) <= {"a", "b"}:
-        return MultiClientTrainer(trainer).train(jobs, per_pass, trainable, on_done)
+        return MultiClientTrainer(trainer).train(jobs, per_pass, trainable, on_done, rule)
     # One at a time: K = 1 gains nothing from stacking, and factors other than A and B
     # (e.g. a Fed-SB core) are the sequential trainer's business.
     outcomes: list[ClientResult | Exception] = []
     for job in jobs:
         try:
-            outcomes.append(trainer.train(job.client_id, job.start, job.load_examples(), job.seed, trainable, job.frames))
+            outcomes.append(trainer.train(job.client_id, job.start, job.load_examples(), job.seed, trainable, job.frames, rule))
         except CLIENT_ERRORS as err:
             outcomes.append(err)
         if on_done:
@@ -216,13 +219,21 @@ class MultiClientTrainer:
         sums = torch.zeros(k, device=keep.device).index_add(0, owner, token_losses)
         return sums / torch.bincount(owner, minlength=k)
 
-    def _pass(self, active: Sequence[_Client]) -> list[Exception | None]:
-        """One joint step of every active client; the error of each client that must leave."""
+    def _pass(self, active: Sequence[_Client], rule: LocalRule | None = None) -> list[Exception | None]:
+        """One joint step of every active client; the error of each client that must leave.
+
+        A method's ``rule`` adds each client's penalty on its own factors to that client's loss
+        (as in ``LocalTrainer._fit``); the recorded losses stay the data losses."""
         self._stack(active)
         losses = self._losses(self._joint_batch([c.batch for c in active]), len(active))
-        finite = torch.isfinite(losses)
+        if rule is not None:
+            penalties = torch.stack([rule.penalty({n: (c.b[n], c.a[n]) for n in c.a}).to(losses.dtype) for c in active])
+            objectives = losses + penalties
+        else:
+            objectives = losses
+        finite = torch.isfinite(objectives)
         if finite.any():
-            losses[finite].sum().backward()
+            objectives[finite].sum().backward()
         errors: list[Exception | None] = []
         for c, loss, ok in zip(active, losses.tolist(), finite.tolist()):
             if not ok:
@@ -240,6 +251,7 @@ class MultiClientTrainer:
         per_pass: int,
         trainable: Sequence[str] = ("a", "b"),
         on_done: Callable[[], None] | None = None,
+        rule: LocalRule | None = None,
     ) -> list[ClientResult | Exception]:
         outcomes: list[ClientResult | Exception | None] = [None] * len(jobs)
 
@@ -264,7 +276,7 @@ class MultiClientTrainer:
                     continue
                 began = time.perf_counter()
                 try:
-                    errors = self._pass([c for _, c in active])
+                    errors = self._pass([c for _, c in active], rule)
                 except CLIENT_ERRORS as err:
                     errors = [err] * len(active)
                 share = (time.perf_counter() - began) / len(active)
@@ -274,7 +286,9 @@ class MultiClientTrainer:
                     if err is not None:
                         finish(i, err)
                     elif not c.advance():
-                        finish(i, c.result())
+                        result = c.result()
+                        result.adapter = self.trainer.finish(c.job.start, result.adapter, rule)
+                        finish(i, result)
                     else:
                         still.append((i, c))
                 active = still

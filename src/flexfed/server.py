@@ -55,6 +55,9 @@ class ServerState:
     base_update: Adapter = field(default_factory=dict)
     # SLoRA's sparse stage: the cumulative sparse update's values (empty outside the stage).
     sparse: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Clients that cut their own ranks (HetLoRA's self-pruning): client id -> module -> rank,
+    # what the server serves them from then on; everyone else gets their profile's ranks.
+    client_ranks: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class Link:
@@ -129,6 +132,9 @@ class Server:
         if stage.rounds and (self.aggregator.merges_into_base or tuple(self.aggregator.trainable) != ("a", "b")):
             raise ValueError(f"federation.sparse_stage (SLoRA) starts LoRA from an SVD: it needs a method that trains both factors, not {method!r}")
         self.sparse_indices = sparse.sparse_indices(self.shapes, stage.density, derived_seed(config.seed, "sparse")) if stage.rounds else {}
+        self.local_rule = self.aggregator.local_rule()
+        self.client_ranks: dict[str, dict[str, int]] = {}  # the current state's (``use_ranks``)
+        self._reported_ranks: dict[str, dict[str, int]] = {}  # lower ranks received this round
 
     def scale(self, rank: int) -> float:
         return lora_scale(rank, self.config.lora.alpha, self.config.lora.rslora)
@@ -140,7 +146,13 @@ class Server:
         return init_adapter(self.shapes, self.max_ranks, self.config.lora.alpha, self.config.lora.rslora, derived_seed(self.config.seed, "init"))
 
     def ranks_of(self, client: int) -> Mapping[str, int]:
-        return self.profiles[self.client_profile[client]].ranks
+        """The ranks the client is served: its profile's, or those it pruned itself down to."""
+        return self.client_ranks.get(self.client_ids[client]) or self.profiles[self.client_profile[client]].ranks
+
+    def use_ranks(self, state: ServerState) -> None:
+        """Serve the clients at the ranks recorded in ``state`` (a fresh or resumed run)."""
+        self.client_ranks = {c: dict(r) for c, r in state.client_ranks.items()}
+        self._reported_ranks = {}
 
     def sample(self, round_: int) -> list[int]:
         """Clients for this round: a seeded draw of ``ceil(fraction * N)``, sorted."""
@@ -165,6 +177,9 @@ class Server:
         except (KeyError, ValueError, RuntimeError) as err:
             raise UpdateRejected(f"client {self.client_ids[client]}: malformed payload: {err}") from None
         self.check_update(client, update)
+        ranks = {n: f.rank for n, f in update.items()}
+        if ranks != dict(self.ranks_of(client)):  # it pruned: serve it these ranks from the next round
+            self._reported_ranks[self.client_ids[client]] = ranks
         return update
 
     def check_update(self, client: int, update: Mapping[str, Factors]) -> None:
@@ -174,6 +189,8 @@ class Server:
         if set(update) != set(ranks):
             diff = sorted(set(update) ^ set(ranks))
             raise UpdateRejected(f"{who}: wrong modules (unexpected or missing: {diff[:3]})")
+        if self.local_rule is not None and {n: f.rank for n, f in update.items()} == self.local_rule.pruned_ranks(ranks):
+            ranks = self.local_rule.pruned_ranks(ranks)  # a client that pruned itself (HetLoRA), every module at once
         for name, f in update.items():
             d_out, d_in = self.shapes[name]
             if f.rank != ranks[name] or f.b.shape != (d_out, ranks[name]) or f.a.shape != (ranks[name], d_in):
@@ -204,13 +221,16 @@ class Server:
                 raise UpdateRejected(f"{who}: {name} update s·B·A has norm {norm:.4g}, above federation.max_update_ratio={ratio:g} x ‖W0‖_F = {bound:.4g}")
 
     def aggregate(self, state: ServerState, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> Adapter:
-        return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale)
+        return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale, previous=state.global_adapter)
 
     def advance(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> ServerState:
         """The state after ``round_``: aggregate (if enough clients reported), merge into the base if the method does."""
         merges = self.aggregator.merges_into_base
+        # Clients that pruned their ranks this round did so on their own: it holds whatever the
+        # server makes of their updates.
+        self.client_ranks, self._reported_ranks = {**state.client_ranks, **self._reported_ranks}, {}
         # FLoRA's global is the stack to merge next: unchanged means nothing new to merge.
-        unchanged = ServerState(round=round_, global_adapter={} if merges else state.global_adapter, metrics=state.metrics, base_update=state.base_update)
+        unchanged = ServerState(round=round_, global_adapter={} if merges else state.global_adapter, metrics=state.metrics, base_update=state.base_update, client_ranks=self.client_ranks)
         if len(updates) < self.config.federation.min_clients:
             log.warning("round %d: %d clients reported, fewer than min_clients=%d; global model unchanged", round_, len(updates), self.config.federation.min_clients)
             return unchanged
@@ -223,7 +243,7 @@ class Server:
             unchanged.rejected = f"{type(err).__name__}: {err}"
             log.warning("round %d: aggregate refused, global model unchanged: %s", round_, unchanged.rejected)
             return unchanged
-        return ServerState(round=round_, global_adapter=new_global, metrics=state.metrics, base_update=base_update)
+        return ServerState(round=round_, global_adapter=new_global, metrics=state.metrics, base_update=base_update, client_ranks=unchanged.client_ranks)
 
     def in_sparse_stage(self, round_: int) -> bool:
         return round_ <= self.config.federation.sparse_stage.rounds
@@ -296,7 +316,8 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
     base_scales = _save_factors(tmp / "base_update.safetensors", state.base_update)
     if state.sparse:
         save_file({n: v.contiguous() for n, v in state.sparse.items()}, str(tmp / "sparse.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"round": state.round, "scales": scales, "base_scales": base_scales, "metrics": state.metrics}))
+    meta = {"round": state.round, "scales": scales, "base_scales": base_scales, "metrics": state.metrics, "client_ranks": state.client_ranks}
+    (tmp / "state.json").write_text(json.dumps(meta))
     with open(tmp / "state.json", "rb") as fh:
         os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
@@ -316,7 +337,8 @@ def load_checkpoint(run_dir: Path) -> ServerState | None:
     adapter = _load_factors(path / "global.safetensors", meta["scales"])
     base_update = _load_factors(path / "base_update.safetensors", meta.get("base_scales", {}))
     sparse_values = load_file(str(path / "sparse.safetensors")) if (path / "sparse.safetensors").exists() else {}
-    return ServerState(round=meta["round"], global_adapter=adapter, metrics=meta["metrics"], base_update=base_update, sparse=sparse_values)
+    client_ranks = {c: {n: int(r) for n, r in ranks.items()} for c, ranks in meta.get("client_ranks", {}).items()}
+    return ServerState(round=meta["round"], global_adapter=adapter, metrics=meta["metrics"], base_update=base_update, sparse=sparse_values, client_ranks=client_ranks)
 
 
 def _save_factors(path: Path, adapter: Mapping[str, Factors]) -> dict[str, float]:

@@ -151,6 +151,27 @@ def truncate(f: Factors, rank: int, scale: float) -> Factors:
     return Factors(b=f.b[:, :rank] * ratio, a=f.a[:rank].clone(), scale=scale)
 
 
+class LocalRule(ABC):
+    """A method's addition to local training, applied by the one training loop (``LocalTrainer``).
+
+    ``penalty`` is added to the data loss at every local step (a differentiable function of the
+    live factors, ``module -> (B, A)``); ``finish`` turns the trained adapter into the one the
+    client sends, possibly at lower ranks, which must then be ``pruned_ranks`` of what it was served.
+    """
+
+    @abstractmethod
+    def penalty(self, factors: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
+        """A scalar added to the local loss."""
+
+    @abstractmethod
+    def pruned_ranks(self, ranks: Mapping[str, int]) -> dict[str, int]:
+        """The only other ranks a client served ``ranks`` may send back."""
+
+    @abstractmethod
+    def finish(self, start: Mapping[str, Factors], trained: Mapping[str, Factors], scale: Scale) -> Adapter:
+        """The adapter to send, given the start the client was served and what it trained."""
+
+
 class Aggregator(ABC):
     """A federated LoRA method. Subclasses register themselves by ``name``."""
 
@@ -172,12 +193,19 @@ class Aggregator(ABC):
         weights: Sequence[float],
         max_ranks: Mapping[str, int],
         scale: Scale,
+        previous: Mapping[str, Factors] | None = None,
     ) -> Adapter:
         """New global adapter from the clients that reported this round.
 
         ``max_ranks`` is the largest rank any registered client uses per module: the global
         adapter keeps at least that many components so every client can be served.
+        ``previous`` is the current global adapter (None offline, e.g. merging files); a method
+        may keep from it what no client of the round trained (HetLoRA); the others ignore it.
         """
+
+    def local_rule(self) -> "LocalRule | None":
+        """What the method adds to a client's local training (None: plain local training)."""
+        return None
 
     # ------------------------------------------------------------------ what a round exchanges
 
@@ -221,7 +249,7 @@ class SharedFactorAggregator(Aggregator):
     mixed_ranks = False
     frozen: ClassVar[Literal["a", "b"]]
 
-    def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
+    def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:
         names, p = validate(updates, weights)
         return {n: average_with_frozen([u[n] for u in updates], p, frozen=self.frozen, method=self.name) for n in names}
 

@@ -21,6 +21,6 @@ class FedIT(Aggregator):
     name = "fedit"
     mixed_ranks = False
 
-    def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
+    def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:
         names, p = validate(updates, weights)
         return {n: fedit_average([u[n] for u in updates], p) for n in names}

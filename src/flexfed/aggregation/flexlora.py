@@ -184,7 +184,7 @@ class FlexLoRA(Aggregator):
             raise ValueError(f"unknown SVD method {svd!r}; choose from {get_args(Method)}")
         self.split, self.svd, self.rtol, self.chunk_bytes = split, svd, rtol, chunk_bytes
 
-    def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
+    def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:
         names, p = validate(updates, weights)
         missing = sorted(set(names) - set(max_ranks))
         if missing:

@@ -91,7 +91,7 @@ class FLoRA(Aggregator):
     def accumulate(self, merged, global_adapter, scale) -> Adapter:
         return flora_accumulate(merged, global_adapter, scale)
 
-    def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
+    def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:
         names, p = validate(updates, weights)
         return {n: flora_stack([u[n] for u in updates], p, scale) for n in names}
 

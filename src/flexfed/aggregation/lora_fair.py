@@ -213,6 +213,6 @@ class LoRAFAIR(Aggregator):
             raise ValueError(f"lora-fair: regularization must be >= 0, got {regularization}")
         self.regularization = regularization
 
-    def aggregate(self, updates, weights, max_ranks, scale) -> Adapter:
+    def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:
         names, p = validate(updates, weights)
         return {n: lora_fair_refine([u[n] for u in updates], p, self.regularization) for n in names}

@@ -107,7 +107,7 @@ class Simulation:
             examples = partial(client_examples, self.config, self.tokenizer, self.federation, shard)  # loaded when it starts
             jobs[c] = ClientJob(shard.client_id, link.start(down, ranks, seed), examples, seed, link.common(ranks))
         per_pass = clients_per_pass(self.config.training.clients_per_pass, self.device)
-        results = train_clients(self.trainer, list(jobs.values()), per_pass, link.aggregator.trainable, advance)
+        results = train_clients(self.trainer, list(jobs.values()), per_pass, link.aggregator.trainable, advance, link.aggregator.local_rule())
         outcomes: dict[int, tuple[ClientResult, Payload] | Exception] = {}
         for c, result in zip(jobs, results):
             outcomes[c] = result if isinstance(result, Exception) else (result, link.send(result.adapter, self.server.ranks_of(c)))
@@ -249,6 +249,7 @@ class Simulation:
         if resume and state is None:
             raise RunExists(f"{self.run_dir}: nothing to resume (no checkpoint)")
         if state is not None:
+            self.server.use_ranks(state)  # clients that pruned their ranks stay pruned
             log.info("resuming %s after round %d", self.run_dir, state.round)
             # Lines written after the checkpoint belong to a round that will be redone.
             with open(self.run_dir / "metrics.jsonl", "w") as fh:
@@ -261,6 +262,7 @@ class Simulation:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(config_lib.dump(self.config))
         state = self.server.initial_state()
+        self.server.use_ranks(state)  # every client at its profile's ranks
         log.info("round 0: evaluating the untouched model")
         registered = len(self.federation.clients)  # the federation's size; later rounds record only the sampled clients
         state.metrics = [{"round": 0, "method": self.config.federation.method, "clients_registered": registered, "train_loss": None, **self.evaluate(state)}]

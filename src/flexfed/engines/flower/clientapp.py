@@ -159,7 +159,8 @@ def train_client(config_yaml: str, node_config: Mapping, client_id: str, seed: i
     began = time.perf_counter()
     examples = client_examples(rt.config, rt.tokenizer, rt.federation, shard)
     start = link.start(payload, ranks, seed)
-    result = trainer.train(client_id, start, examples, seed, link.aggregator.trainable, link.common(ranks))
+    # The method's local rule (HetLoRA's self-pruning) may send back lower ranks; the server checks them.
+    result = trainer.train(client_id, start, examples, seed, link.aggregator.trainable, link.common(ranks), link.aggregator.local_rule())
     out, out_meta = encode_payload(link.send(result.adapter, ranks))
     stats = {
         "client": client_id,
