@@ -192,6 +192,8 @@ def plot_curves(sweep: Sweep, specs: list[RunSpec], out_dir: Path) -> list[str]:
 
     runs = collect(sweep, specs)
     cells = [c for c in dict.fromkeys(s.cell.name for s in specs) if c in runs]
+    label = {s.cell.name: " / ".join(s.cell.values.values()) or s.cell.name for s in specs}
+    axes = " / ".join(dict.fromkeys(k.rsplit(".", 1)[-1] for s in specs for k in s.cell.values))
     written = []
     palette = mpl.colormaps["tab10" if len(cells) <= 10 else "tab20"]
     for metric in CURVES:
@@ -213,7 +215,7 @@ def plot_curves(sweep: Sweep, specs: list[RunSpec], out_dir: Path) -> list[str]:
         for i, (c, (xs, ys, sds, n)) in enumerate(series.items()):
             color = palette(i % palette.N)
             style = ("-", "--", ":")[(i // palette.N) % 3]
-            ax.plot(xs, ys, style, marker="o", ms=3.5, color=color, label=c)
+            ax.plot(xs, ys, style, marker="o", ms=3.5, color=color, label=label[c])
             lo, hi = np.array(ys) - np.array(sds), np.array(ys) + np.array(sds)
             ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
         seeds = max(v[3] for v in series.values())
@@ -221,9 +223,9 @@ def plot_curves(sweep: Sweep, specs: list[RunSpec], out_dir: Path) -> list[str]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if many:
-            ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.85)
+            ax.legend(title=axes, fontsize="x-small", title_fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.85)
         else:
-            ax.legend(fontsize="small", loc="best", framealpha=0.85)
+            ax.legend(title=axes, fontsize="small", title_fontsize="small", loc="best", framealpha=0.85)
         name = f"curves-{metric}.png"
         fig.savefig(out_dir / name)
         written.append(name)
@@ -241,27 +243,38 @@ def write_results(sweep: Sweep, specs: list[RunSpec], sweep_dir: Path) -> dict:
     return table
 
 
-def console_table(table: dict, columns: tuple[str, ...] = ("rouge_l_unseen", "rouge_l_seen", BEST, "bytes_up", WALL)):
-    """The headline of the table for the terminal (the files hold every metric)."""
+def console_table(table: dict, columns: tuple[str, ...] = ("rouge_l_unseen", "rouge_l_seen", BEST, WALL)):
+    """The headline of the table for an 80-column terminal (the files hold every metric)."""
     from rich import box
     from rich.table import Table
 
     shown = [m for m in columns if m in table["metrics"]]
     diff = "rouge_l_unseen" if table["baseline"] and "rouge_l_unseen" in table["metrics"] else None
-    t = Table(title="flexfed sweep", caption="mean ± std over seeds" + (f"; Δ: paired difference vs {table['baseline']} [95% CI]" if diff else ""),
-              box=box.SIMPLE_HEAD, header_style="bold")
-    t.add_column("cell (" + " / ".join(dict.fromkeys(k.rsplit(".", 1)[-1] for r in table["cells"] for k in r["settings"])) + ")")
+    short = {"rouge_l_unseen": "RL unseen", "rouge_l_seen": "RL seen", BEST: "RL@val", "bytes_up": "up", WALL: "wall"}
+    t = Table(title="flexfed sweep", caption="mean±std over seeds (RL: Rouge-L)" + (f"; Δ: paired difference vs {table['baseline']} [95% CI]" if diff else ""),
+              box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    t.add_column(" / ".join(dict.fromkeys(k.rsplit(".", 1)[-1] for r in table["cells"] for k in r["settings"])) or "cell", min_width=16)
     t.add_column("n", justify="right")
     for m in shown:
-        t.add_column(LABELS.get(m, m), justify="right", no_wrap=True)
+        t.add_column(short.get(m, m), justify="right", no_wrap=True)
     if diff:
-        t.add_column(f"Δ {LABELS[diff]}", justify="right", no_wrap=True)
+        t.add_column("Δ RL unseen", justify="right")
     for r in table["cells"]:
-        cols = [_mean_std(m, r["metrics"][m]) for m in shown]
+        cols = [_compact(m, r["metrics"][m]) for m in shown]
         if diff:
-            cols.append(_difference(diff, (r.get("difference") or {}).get(diff)) if r.get("difference") else "baseline" if r["baseline"] == r["cell"] else "–")
+            d = (r.get("difference") or {}).get(diff)
+            cols.append("baseline" if r["baseline"] == r["cell"] else "–" if d is None else
+                        f"{d['mean']:+.3f}" + ("" if d["low"] is None else f" [{d['low']:+.3f}, {d['high']:+.3f}]"))
         t.add_row(" / ".join(r["settings"].values()) or r["cell"], str(len(r["seeds"])), *cols)
     return t
+
+
+def _compact(metric: str, stat: dict) -> str:
+    if stat["mean"] is None:
+        return "–"
+    if metric in TOTALS or metric == WALL:
+        return _fmt(metric, stat["mean"])
+    return f"{stat['mean']:.3f}" + ("" if stat["std"] is None else f"±{stat['std']:.3f}")
 
 
 def report_sweep(sweep_dir: str | Path) -> dict:

@@ -220,8 +220,9 @@ class Sweep:
 
     def _cell(self, values: dict[str, str], sets: dict[str, str]) -> Cell:
         shorts = [k.rsplit(".", 1)[-1] for k in values]
-        parts = [f"{k.rsplit('.', 1)[-1] if shorts.count(k.rsplit('.', 1)[-1]) == 1 else k}-{v}" for k, v in values.items()]
-        name = _slug("_".join(parts)) or "base"
+        # The key's last part names it unless two axes share that part; "_" separates the settings.
+        parts = [f"{_slug(k.rsplit('.', 1)[-1] if shorts.count(k.rsplit('.', 1)[-1]) == 1 else k)}-{_slug(v)}" for k, v in values.items()]
+        name = "_".join(parts) or "base"
         return Cell(values, sets, name)
 
     def runs(self, sweep_dir: Path) -> list[RunSpec]:
