@@ -224,3 +224,33 @@ def test_rerun_skips_finished_runs_and_resumes_to_the_same_table(finished_sweep,
 def test_a_different_sweep_in_the_same_directory_is_refused(finished_sweep, caplog):
     assert main(["sweep", "--config", "tiny", *FAST, "--grid", "federation.method=fedit", "--out", str(finished_sweep)]) == 2
     assert "holds a different sweep" in caplog.text
+
+
+# ---------------------------------------------------------------- the paper's configs
+
+
+def test_table2_sweep_expands_to_recipes_by_settings_and_validates(tmp_path, caplog):
+    from flexfed.experiments.sweep import open_sweep
+
+    caplog.set_level(logging.INFO, logger="flexfed")
+    assert main(["sweep", "table2-p3", "--out", str(tmp_path / "t2"), "--dry-run"]) == 0  # every run's config validated
+    assert "81 runs validated" in caplog.text
+    sweep, _ = open_sweep("table2-p3", str(tmp_path / "t2"))
+    runs = sweep.runs(tmp_path / "t2")
+    cells = {(r.config.training.optimizer, r.config.federation.sparse_stage.rounds, r.config.federation.method, r.config.resources.distribution) for r in runs}
+    distributions = ("uniform", "heavy-tail-light", "heavy-tail-strong", "normal")
+    expected = {(opt, stage, m, d) for opt, stage in (("sgd", 0), ("adamw", 0), ("adamw", 1))
+                for m, d in [("fedit", "homogeneous"), *((m, d) for m in ("flexlora", "hetlora") for d in distributions)]}
+    assert cells == expected and len(runs) == 27 * 3
+    assert {r.config.data.source for r in runs} == {"prompt-completion"}
+    assert {tuple(r.config.lora.target_modules) for r in runs} == {("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    assert {r.config.federation.sample_fraction for r in runs} == {0.05}
+
+
+@pytest.mark.parametrize("config", ["flexlora-paper-p3", "flexlora-paper-ni"])
+def test_paper_config_without_its_data_names_data_path(tmp_path, caplog, config):
+    missing = tmp_path / "no-such-data"
+    # The tiny model keeps it fast; the data is looked up before any training.
+    argv = ["run", "--config", config, "--set", f"data.path={missing}", "--set", "model.name=tiny-llama", "--set", f"output_dir={tmp_path}", "--quiet"]
+    assert main(argv) == 2
+    assert f"data.path '{missing}'" in caplog.text and "no such file or directory" in caplog.text

@@ -3,6 +3,7 @@
 A sweep file (YAML)::
 
     base: tiny                      # a packaged config name, or a path (relative to this file)
+    out: runs/my-sweep              # the sweep directory (relative to where flexfed runs; --out wins)
     set: {federation.rounds: 2}     # overrides for every run (dotted keys)
     grid:                           # the cells: the product of the axes
       federation.method: [fedit, flexlora]     # an axis over one dotted key
@@ -301,9 +302,12 @@ def open_sweep(file: str | None, out: str | None, base: str | None = None, sets:
     if file and described:
         raise ConfigError("give a sweep file or --config/--set/--grid/--seeds, not both")
     if file:
-        sweep = Sweep.load(file)
-        raw_out = (yaml.safe_load(Path(file).read_text()) or {}).get("out")
-        sweep_dir = Path(out or (Path(file).parent / raw_out if raw_out else Path("runs") / Path(file).stem))
+        path = Path(file)
+        if not path.exists() and path.suffix == "" and packaged_sweep(file).is_file():
+            path = packaged_sweep(file)
+        sweep = Sweep.load(path)
+        # Like a run config's output_dir, the file's ``out`` is relative to where flexfed runs.
+        sweep_dir = Path(out or (yaml.safe_load(path.read_text()) or {}).get("out") or Path("runs") / path.stem)
     elif described:
         if not out:
             raise ConfigError("--out SWEEP_DIR is required for a sweep described on the command line")
@@ -317,6 +321,11 @@ def open_sweep(file: str | None, out: str | None, base: str | None = None, sets:
         sweep.baseline = parse_baseline(baseline)
         sweep.cells()  # the baseline must name a cell's option
     return sweep, sweep_dir
+
+
+def packaged_sweep(name: str) -> Path:
+    """A sweep file shipped with flexfed, e.g. ``table2-p3``."""
+    return builtin_config_path(f"sweeps/{name}")
 
 
 def base_exists(base: str) -> bool:
