@@ -273,12 +273,22 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
     return final
 
 
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((Path(run_dir) / _CHECKPOINTS).glob("round-*"))
+    return found[-1] if found else None
+
+
+def checkpoint_round(run_dir: Path) -> int | None:
+    """The round of a run's newest checkpoint (what --resume continues after) without loading its tensors."""
+    path = _newest_checkpoint(run_dir)
+    return None if path is None else json.loads((path / "state.json").read_text())["round"]
+
+
 def load_checkpoint(run_dir: Path) -> ServerState | None:
     """The newest complete checkpoint of a run, or None if it has none."""
-    found = sorted((Path(run_dir) / _CHECKPOINTS).glob("round-*"))
-    if not found:
+    path = _newest_checkpoint(run_dir)
+    if path is None:
         return None
-    path = found[-1]
     meta = json.loads((path / "state.json").read_text())
     adapter = _load_factors(path / "global.safetensors", meta["scales"])
     base_update = _load_factors(path / "base_update.safetensors", meta.get("base_scales", {}))

@@ -54,7 +54,7 @@ def run_metrics(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def collect(sweep: Sweep, specs: list[RunSpec]) -> dict[str, dict[int, list[dict]]]:
+def collect(specs: list[RunSpec]) -> dict[str, dict[int, list[dict]]]:
     """cell name -> seed -> metrics rows, for every finished run (unfinished ones are skipped)."""
     found: dict[str, dict[int, list[dict]]] = {}
     for spec in specs:
@@ -69,10 +69,9 @@ def collect(sweep: Sweep, specs: list[RunSpec]) -> dict[str, dict[int, list[dict
     return found
 
 
-def build_table(sweep: Sweep, specs: list[RunSpec]) -> dict:
-    """The sweep's table: per cell, each metric's per-seed values, mean and std, and the paired
-    difference against the baseline cell (same other settings, same seed)."""
-    runs = collect(sweep, specs)
+def build_table(sweep: Sweep, specs: list[RunSpec], runs: dict[str, dict[int, list[dict]]]) -> dict:
+    """The sweep's table from ``collect``'s runs: per cell, each metric's per-seed values, mean
+    and std, and the paired difference against the baseline cell (same other settings, same seed)."""
     cells = list(dict.fromkeys(s.cell.name for s in specs))
     values_of = {s.cell.name: s.cell.values for s in specs}
     per_seed = {c: {seed: run_metrics(rows) for seed, rows in runs.get(c, {}).items()} for c in cells}
@@ -183,19 +182,30 @@ def _cell_value(v) -> str:
     return "" if v is None else repr(float(v))
 
 
-def plot_curves(sweep: Sweep, specs: list[RunSpec], out_dir: Path) -> list[str]:
-    """One PNG per metric recorded over rounds: a line per cell (mean over seeds), band ± std."""
+def plot_curves(specs: list[RunSpec], runs: dict[str, dict[int, list[dict]]], out_dir: Path) -> list[str]:
+    """One PNG per metric recorded over rounds: a line per cell (mean over seeds), band ± std.
+
+    More than 10 cells over several axes are split into one panel per option of the first axis
+    (e.g. per recipe), so each panel holds few lines and the same setting keeps its colour.
+    """
     import matplotlib as mpl
     import numpy as np
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    runs = collect(sweep, specs)
-    cells = [c for c in dict.fromkeys(s.cell.name for s in specs) if c in runs]
-    label = {s.cell.name: " / ".join(s.cell.values.values()) or s.cell.name for s in specs}
-    axes = " / ".join(dict.fromkeys(k.rsplit(".", 1)[-1] for s in specs for k in s.cell.values))
+    values = {s.cell.name: s.cell.values for s in specs if s.cell.name in runs}
+    cells = list(values)
+    axis_names = list(dict.fromkeys(k for v in values.values() for k in v))
+    split = len(cells) > 10 and len(axis_names) > 1 and all(axis_names[0] in v for v in values.values())
+    panel_of = {c: values[c][axis_names[0]] if split else "" for c in cells}
+    line_of = {c: " / ".join(v for k, v in values[c].items() if not split or k != axis_names[0]) or c for c in cells}
+    panels = list(dict.fromkeys(panel_of.values()))
+    lines = list(dict.fromkeys(line_of.values()))
+    palette = mpl.colormaps["tab10" if len(lines) <= 10 else "tab20"]
+    color = {name: palette(i % palette.N) for i, name in enumerate(lines)}
+    style = {name: ("-", "--", ":")[(i // palette.N) % 3] for i, name in enumerate(lines)}
+    short = lambda names: " / ".join(n.rsplit(".", 1)[-1] for n in names)  # noqa: E731
     written = []
-    palette = mpl.colormaps["tab10" if len(cells) <= 10 else "tab20"]
     for metric in CURVES:
         series = {}
         for c in cells:
@@ -209,23 +219,31 @@ def plot_curves(sweep: Sweep, specs: list[RunSpec], out_dir: Path) -> list[str]:
                 series[c] = (xs, [mean(by_round[x]) for x in xs], [sample_std(by_round[x]) or 0.0 for x in xs], max(len(v) for v in by_round.values()))
         if not series:
             continue
-        many = len(series) > 8
-        fig = Figure(figsize=(11 if many else 8, 4.8), dpi=120, layout="constrained")
-        ax = fig.subplots()
-        for i, (c, (xs, ys, sds, n)) in enumerate(series.items()):
-            color = palette(i % palette.N)
-            style = ("-", "--", ":")[(i // palette.N) % 3]
-            ax.plot(xs, ys, style, marker="o", ms=3.5, color=color, label=label[c])
-            lo, hi = np.array(ys) - np.array(sds), np.array(ys) + np.array(sds)
-            ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+        fig = Figure(figsize=(max(8, 4.2 * len(panels) + 3), 4.8), dpi=120, layout="constrained")
+        axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+        for ax, panel in zip(axes, panels):
+            for c, (xs, ys, sds, _) in series.items():
+                if panel_of[c] != panel:
+                    continue
+                ax.plot(xs, ys, style[line_of[c]], marker="o", ms=3.5, color=color[line_of[c]], label=line_of[c])
+                ax.fill_between(xs, np.array(ys) - np.array(sds), np.array(ys) + np.array(sds), color=color[line_of[c]], alpha=0.15, lw=0)
+            ax.set(xlabel="round", title=f"{short(axis_names[:1])} = {panel}" if split else None)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True, alpha=0.3)
+        axes[0].set_ylabel(LABELS.get(metric, metric))
         seeds = max(v[3] for v in series.values())
-        ax.set(xlabel="round", ylabel=LABELS.get(metric, metric), title=f"{LABELS.get(metric, metric)}: mean over {seeds} seed{'s' * (seeds != 1)}, band ± 1 std")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        if many:
-            ax.legend(title=axes, fontsize="x-small", title_fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.85)
+        fig.suptitle(f"{LABELS.get(metric, metric)}: mean over {seeds} seed{'s' * (seeds != 1)}, band ± 1 std", fontweight="bold")
+        title = short(axis_names[1:] if split else axis_names)
+        legend = {}  # every line once, in cell order, whichever panel it is drawn in
+        for ax in axes:
+            for handle, text in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(text, handle)
+        order = sorted(legend, key=lines.index)
+        handles, labels = [legend[t] for t in order], order
+        if len(lines) > 8 or split:
+            fig.legend(handles, labels, title=title, fontsize="x-small", title_fontsize="x-small", loc="outside right upper", handlelength=3)
         else:
-            ax.legend(title=axes, fontsize="small", title_fontsize="small", loc="best", framealpha=0.85)
+            axes[0].legend(handles, labels, title=title, fontsize="small", title_fontsize="small", loc="best", framealpha=0.85, handlelength=3)
         name = f"curves-{metric}.png"
         fig.savefig(out_dir / name)
         written.append(name)
@@ -235,8 +253,9 @@ def plot_curves(sweep: Sweep, specs: list[RunSpec], out_dir: Path) -> list[str]:
 def write_results(sweep: Sweep, specs: list[RunSpec], sweep_dir: Path) -> dict:
     """results.md, results.csv, results.json and curves-*.png in the sweep directory."""
     sweep_dir = Path(sweep_dir)
-    table = build_table(sweep, specs)
-    table["plots"] = plot_curves(sweep, specs, sweep_dir)
+    runs = collect(specs)
+    table = build_table(sweep, specs, runs)
+    table["plots"] = plot_curves(specs, runs, sweep_dir)
     (sweep_dir / "results.md").write_text(markdown(table))
     write_csv(table, sweep_dir / "results.csv")
     (sweep_dir / "results.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -337,10 +337,10 @@ def base_exists(base: str) -> bool:
 
 def run_state(spec: RunSpec) -> str:
     """``done`` (checkpoint of the last round), ``partial`` (an earlier checkpoint), ``new``."""
-    from flexfed.server import load_checkpoint
+    from flexfed.server import checkpoint_round
 
-    state = load_checkpoint(spec.run_dir) if spec.run_dir.is_dir() else None
-    if state is None:
+    done = checkpoint_round(spec.run_dir) if spec.run_dir.is_dir() else None
+    if done is None:
         return "new"
     saved = spec.run_dir / "config.yaml"
     if saved.is_file():  # the run must be the one this sweep describes, or resuming it would mix two
@@ -348,7 +348,7 @@ def run_state(spec: RunSpec) -> str:
         theirs = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k != "output_dir"}
         if ours != theirs:
             raise ConfigError(f"{spec.run_dir}: its config.yaml differs from the sweep's config for this cell; move it away or use another sweep directory")
-    return "done" if state.round >= spec.config.federation.rounds else "partial"
+    return "done" if done >= spec.config.federation.rounds else "partial"
 
 
 # ---------------------------------------------------------------- execution
