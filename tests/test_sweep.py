@@ -54,7 +54,7 @@ def test_grid_named_axes_and_include_expand_deterministically(tmp_path):
         "base": "tiny",
         "set": {"federation.rounds": 1, "training.lr": 1e-4},
         "grid": {"federation.method": ["fedit", "flexlora"],
-                 "regime": {"sgd": {"training.optimizer": "sgd", "training.lr": 0.01}, "adamw": {"training.optimizer": "adamw"}}},
+                 "regime": {"sgd": {"training": {"optimizer": "sgd", "lr": 0.01}}, "adamw": {"training.optimizer": "adamw"}}},
         "include": [{"federation.method": "hetlora", "regime": "adamw", "resources.distribution": "uniform"}],
         "seeds": [3, 1],
         "baseline": "federation.method=fedit",
@@ -66,6 +66,7 @@ def test_grid_named_axes_and_include_expand_deterministically(tmp_path):
     assert [r.run_dir.name for r in runs[:2]] == ["method-fedit_regime-sgd_seed3", "method-fedit_regime-sgd_seed1"]
     sgd = runs[0].config
     assert (sgd.training.optimizer, sgd.training.lr, sgd.seed, sgd.federation.rounds) == ("sgd", 0.01, 3, 1)
+    assert sgd.training.batch_size == 4  # a nested option changes its keys only; the rest stays tiny's
     assert runs[2].config.training.lr == 1e-4  # the sweep-wide value where no option sets it
     extra = runs[-1].config
     assert (extra.federation.method, extra.resources.distribution, extra.training.optimizer) == ("hetlora", "uniform", "adamw")

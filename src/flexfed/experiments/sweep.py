@@ -53,8 +53,12 @@ RESERVED = ("name", "seed", "output_dir")
 
 def _text(value: Any) -> str:
     """A value as ``--set`` reads it back: YAML flow style, so 1e-4, [q_proj, v_proj], 'on' round-trip."""
-    if isinstance(value, str) and yaml.safe_load(value) == value and "\n" not in value:
-        return value
+    if isinstance(value, str) and "\n" not in value:
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass  # e.g. "[unclosed": quoted below
     return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip().removesuffix("...").strip()
 
 
@@ -63,7 +67,9 @@ def _value(text: str) -> Any:
 
 
 def _overrides(mapping: Any, where: str) -> dict[str, str]:
-    """``{dotted.key: value}`` (values in any YAML type) as ``{dotted.key: text}``."""
+    """``{dotted.key: value}`` (values in any YAML type) as ``{dotted.key: text}``. A nested
+    mapping is flattened to dotted keys, so ``{training: {lr: 0.1}}`` changes only the learning
+    rate instead of replacing the whole training section."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{where}: expected a mapping of dotted config keys to values, got {mapping!r}")
     out = {}
@@ -71,7 +77,10 @@ def _overrides(mapping: Any, where: str) -> dict[str, str]:
         key = str(key).strip()
         if key in RESERVED:
             raise ConfigError(f"{where}: {key!r} is set by the sweep for each run (use seeds: for seeds)")
-        out[key] = _text(value)
+        if isinstance(value, dict) and value:
+            out.update({f"{key}.{k}": v for k, v in _overrides(value, where).items()})
+        else:
+            out[key] = _text(value)
     return out
 
 
