@@ -91,6 +91,10 @@ def test_command_line_values_keep_their_types(tmp_path):
     (["--grid", "federation.method=fedit,nosuch"], "federation.method 'nosuch' is not one of"),
     (["--grid", "training.lr=0.001,-1"], "training.lr: Input should be greater than 0"),
     (["--grid", "seed=0,1"], "'seed' is set by the sweep"),
+    # Schema-valid but refused by the engine: FedIT averages factors and cannot take mixed ranks.
+    (["--grid", "resources.distribution=homogeneous,uniform"], "sweep cell distribution-uniform (seed 0): federation.method 'fedit' needs one common rank"),
+    (["--set", "federation.rounds=3", "--grid", "federation.sparse_stage.rounds=0,1", "--grid", "federation.method=fedit,flora"],
+     "sweep cell rounds-1_method-flora (seed 0): federation.sparse_stage (SLoRA) starts LoRA from an SVD"),
     (["--grid", "federation.method=fedit,flexlora", "--baseline", "federation.method=fedavg"], "no cell has federation.method=fedavg"),
 ])
 def test_bad_grid_fails_before_any_run_naming_the_key(tmp_path, caplog, args, named):
@@ -101,15 +105,25 @@ def test_bad_grid_fails_before_any_run_naming_the_key(tmp_path, caplog, args, na
 
 
 def test_a_run_that_fails_leaves_the_others_and_is_named(tmp_path, caplog):
-    # FedIT cannot average mixed ranks: the engine refuses that run when it starts.
-    out = tmp_path / "sweep"
-    argv = ["sweep", "--config", "tiny", "--set", "federation.rounds=1", "--set", "eval.seen_examples=2", "--set", "eval.unseen_examples=2",
-            "--grid", "resources.distribution=homogeneous,uniform", "--out", str(out), "--quiet"]
-    assert main(argv) == 1
-    assert "1 run(s) failed: distribution-uniform_seed0" in caplog.text
-    assert "needs one common rank" in (out / "logs" / "distribution-uniform_seed0.log").read_text()
-    table = json.loads((out / "results.json").read_text())
-    assert [(c["cell"], c["seeds"]) for c in table["cells"]] == [("distribution-homogeneous", [0]), ("distribution-uniform", [])]
+    # A sweep file, its base config beside it; one cell's data directory is missing, which only
+    # the run itself finds out.
+    data = tmp_path / "tasks"
+    data.mkdir()
+    for task in ("alpha_one", "alpha_two", "beta_one", "beta_two"):
+        (data / f"{task}.jsonl").write_text("".join(json.dumps({"prompt": f"{task} {i}?", "completion": f"{i}<|endoftext|>"}) + "\n" for i in range(6)))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": {"name": "tiny-llama"}, "data": {"source": "prompt-completion", "path": str(data), "holdout_by": "task"}}))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "base": "base.yaml",
+        "set": {"federation": {"rounds": 1, "sample_fraction": 0.5}, "training.local_steps": 1, "eval": {"seen_examples": 2, "unseen_examples": 2, "max_new_tokens": 2}},
+        "grid": {"data": {"present": {}, "absent": {"data.path": str(tmp_path / "missing")}}},
+        "out": str(tmp_path / "out"),
+    }, sort_keys=False))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet"]) == 1
+    assert "1 run(s) failed: data-absent_seed0" in caplog.text
+    assert f"data.path '{tmp_path / 'missing'}'" in (tmp_path / "out" / "logs" / "data-absent_seed0.log").read_text()
+    table = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(c["cell"], c["seeds"]) for c in table["cells"]] == [("data-present", [0]), ("data-absent", [])]
+    assert table["sweep"]["base"] == str(tmp_path / "base.yaml")  # resolved beside the sweep file
 
 
 # ---------------------------------------------------------------- a whole sweep

@@ -370,12 +370,40 @@ class Outcome:
     returncode: int  # 0 for a run that was already done
 
 
+def check_methods(specs: list[RunSpec]) -> None:
+    """The engine's start-up checks of method against ranks (``server.check_method``), for every
+    run before any starts. They need the model's layer shapes, read on the meta device (no weights,
+    no data). ``distribution: memory`` is left to the run: its types follow a memory estimate."""
+    import torch
+
+    from flexfed.aggregation import get_aggregator
+    from flexfed.lora import target_shapes
+    from flexfed.models import load_skeleton
+    from flexfed.resources import client_profiles
+    from flexfed.server import check_method
+
+    shapes: dict[tuple, dict] = {}
+    for spec in specs:
+        c = spec.config
+        if c.resources.distribution == "memory":
+            continue
+        try:
+            key = (c.model.name, c.model.dtype, tuple(c.lora.target_modules))
+            if key not in shapes:
+                shapes[key] = target_shapes(load_skeleton(c.model.name, getattr(torch, c.model.dtype)), c.lora.target_modules)
+            profiles, _ = client_profiles(c.resources, c.lora, shapes[key], 1, c.seed)
+            check_method(c, get_aggregator(c.federation.method, **c.federation.method_options), profiles)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"sweep cell {spec.cell.name} (seed {spec.seed}): {err}") from None
+
+
 def prepare(sweep: Sweep, sweep_dir: Path) -> list[RunSpec]:
-    """Check the sweep and its directory, write sweep.yaml; returns the validated runs."""
+    """Check the sweep, its runs and its directory, write sweep.yaml; returns the validated runs."""
     sweep_dir = Path(sweep_dir)
     if not base_exists(sweep.base):
         raise ConfigError(f"sweep.base: config {sweep.base!r} not found (a packaged config name or a YAML file)")
     specs = sweep.runs(sweep_dir)
+    check_methods(specs)
     marker = sweep_dir / MARKER
     if marker.is_file():
         saved = Sweep.from_dict(yaml.safe_load(marker.read_text()))
