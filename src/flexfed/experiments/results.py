@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 from flexfed.experiments.stats import mean, paired_difference, sample_std
@@ -25,7 +26,6 @@ FINAL = ("rouge_l_unseen", "rouge_l_seen", "rouge_l_validation", "rouge_l_unseen
 BEST = "rouge_l_unseen_at_best_validation"  # the unseen score of the round best on validation
 TOTALS = ("bytes_up", "bytes_down")
 WALL = "wall_s"  # timing: differs between identical runs, so comparisons of tables leave it out
-TIMING = (WALL,)
 CURVES = ("rouge_l_unseen", "rouge_l_seen", "rouge_l_validation", "eval_loss_unseen", "eval_loss_seen", "train_loss")
 LABELS = {
     "rouge_l_unseen": "Rouge-L unseen", "rouge_l_seen": "Rouge-L seen", "rouge_l_validation": "Rouge-L validation",
@@ -36,7 +36,8 @@ LABELS = {
 
 
 def _num(v) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    """A finite number, else None (a diverged run's NaN loss is reported as missing, as report.py does)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def run_metrics(rows: list[dict]) -> dict[str, float]:
