@@ -140,7 +140,8 @@ def markdown(table: dict) -> str:
         return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *("| " + " | ".join(r) + " |" for r in body)]
     seeds = sorted({s for r in table["cells"] for s in r["seeds"]})
     out = ["# Sweep results", "", f"Base config `{table['sweep']['base']}`; seeds {seeds}. Each value is the mean ± "
-           "sample standard deviation over seeds of the last round's value (bytes and wall time: totals over the run).", ""]
+           "sample standard deviation over seeds of the last round's value (bytes and wall time: totals over the run; "
+           "wall time counts the rounds and the round-0 evaluation, not loading the model).", ""]
     out += md(["cell", "seeds", *(LABELS.get(m, m) for m in metrics)],
               [[r["cell"], str(len(r["seeds"])), *(_mean_std(m, r["metrics"][m]) for m in metrics)] for r in table["cells"]])
     diffs = [r for r in table["cells"] if r.get("difference")]

@@ -24,6 +24,7 @@ resumes interrupted ones from their last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -481,7 +482,8 @@ def _in_process(argv: list[str], threads: int, log_path: Path) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
-        return main(argv)
+        with open(log_path, "a") as out, contextlib.redirect_stdout(out):  # the run's own summary table
+            return main(argv)
     except Exception:  # noqa: BLE001 - one failed run must not stop the others
         log.exception("flexfed %s failed", " ".join(argv))
         return 1
