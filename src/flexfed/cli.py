@@ -1,4 +1,4 @@
-"""``flexfed run | report | resources | aggregate | flower``."""
+"""``flexfed run | sweep | report | resources | aggregate | flower``."""
 
 from __future__ import annotations
 
@@ -38,10 +38,43 @@ def _run(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from rich.console import Console
+
+    from flexfed.experiments import results, sweep
+
+    spec, sweep_dir = sweep.open_sweep(args.file, args.out, args.config, args.set, args.grid, args.seeds, args.baseline)
+    runs = sweep.prepare(spec, sweep_dir)
+    if args.dry_run:
+        for run in runs:
+            log.info("%s  [%s]", run.run_dir.name, sweep.run_state(run))
+        log.info("%d runs validated; nothing run (--dry-run)", len(runs))
+        return 0
+    outcomes = sweep.execute(spec, runs, sweep_dir, jobs=args.jobs, threads_per_job=args.threads_per_job, show_progress=not args.quiet)
+    table = results.write_results(spec, runs, sweep_dir)
+    Console().print(results.console_table(table))
+    log.info("sweep results: %s (results.md, results.csv, results.json, curves-*.png)", sweep_dir)
+    failed = [o.spec.run_dir.name for o in outcomes if o.returncode != 0]
+    if failed:
+        log.error("%d run(s) failed: %s; run the sweep again to retry them", len(failed), ", ".join(failed))
+        return 1
+    return 0
+
+
 def _report(args) -> int:
+    from flexfed.experiments.sweep import MARKER
     from flexfed.report import print_summary, write_report
 
     dirs = [Path(d) for d in args.run_dirs]
+    if len(dirs) == 1 and (dirs[0] / MARKER).is_file():  # a sweep directory: rebuild its table and curves
+        from rich.console import Console
+
+        from flexfed.experiments import results
+
+        table = results.report_sweep(dirs[0])
+        Console().print(results.console_table(table))
+        log.info("sweep results rebuilt in %s", dirs[0])
+        return 0
     out = write_report(dirs, Path(args.out) if args.out else None)
     print_summary(dirs)
     log.info("report written to %s", out)
@@ -221,7 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
 
-    report = sub.add_parser("report", help="plots and a Markdown summary of one run, or a comparison of several")
+    sweep = sub.add_parser("sweep", help="runs over a grid of settings and seeds, then one table of mean ± std and paired differences",
+                           description="Expand a base config over a grid and seeds into runs (SWEEP_DIR/runs/<cell>_seed<N>), skip finished runs, "
+                           "resume interrupted ones, and write results.md/.csv/.json and curves-*.png into SWEEP_DIR.")
+    sweep.add_argument("file", nargs="?", help="a sweep YAML file (base, set, grid, include, seeds, baseline, out)")
+    sweep.add_argument("--config", "-c", help="base config (packaged name or YAML file) for a sweep given on the command line")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="one grid axis (repeat for more)")
+    sweep.add_argument("--seeds", metavar="S1,S2", help="comma-separated seeds (default 0)")
+    sweep.add_argument("--baseline", metavar="KEY=VALUE", help="paired differences against the cells with this setting, e.g. federation.method=fedit")
+    sweep.add_argument("--out", help="the sweep directory (alone: continue the sweep it holds)")
+    sweep.add_argument("--jobs", "-j", type=int, default=1, help="runs at a time; above 1 each runs in its own process (default 1)")
+    sweep.add_argument("--threads-per-job", type=int, help="torch/OpenMP threads of each run (default: cores / jobs)")
+    sweep.add_argument("--dry-run", action="store_true", help="validate every run's config and list the runs; run nothing")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.set_defaults(func=_sweep)
+
+    report = sub.add_parser("report", help="plots and a Markdown summary of one run, a comparison of several, or a sweep's table")
     report.add_argument("run_dirs", nargs="+")
     report.add_argument("--out", help="output directory (required for several runs)")
     report.set_defaults(func=_report)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from flexfed.client import ClientFailure
 from flexfed.config import RunConfig
@@ -84,7 +85,11 @@ def build_federation(config: RunConfig, tokenizer) -> Federation:
     options = {"examples_per_task": d.examples_per_task} if d.source == "builtin" else {}
     if d.max_examples_per_task is not None:
         options["max_examples_per_task"] = d.max_examples_per_task
-    tasks = load_tasks(d.source, d.path, seed=config.seed, **options)
+    try:
+        tasks = load_tasks(d.source, d.path, seed=config.seed, **options)
+    except FileNotFoundError as err:  # name the setting to change, not only the path that is missing
+        raise FileNotFoundError(f"data.path {d.path!r} (data.source={d.source}): {err}; set data.path to the data's directory, "
+                                f"e.g. --set data.path=/path/to/data (relative paths are from {Path.cwd()})") from None
     seen, unseen = split_tasks(tasks, d.unseen_fraction, config.seed, by=d.holdout_by)
     train_tasks, seen_eval_tasks = holdout_examples(seen, config.eval.seen_examples_per_task, config.seed)
     if d.partition == "by_task":

@@ -104,6 +104,17 @@ class Link:
         return self.receive(payload, ranks)
 
 
+def check_method(config: RunConfig, aggregator: Aggregator, profiles: Sequence[RankProfile]) -> None:
+    """Settings the method cannot serve, known once the rank profiles are: mixed ranks for a
+    one-rank method, SLoRA's sparse stage for a method that does not train both factors.
+    (A sweep checks every run with this before the first one starts.)"""
+    method = config.federation.method
+    if not aggregator.mixed_ranks and len({tuple(sorted(p.ranks.items())) for p in profiles}) > 1:
+        raise ValueError(f"federation.method {method!r} needs one common rank; resources.distribution={config.resources.distribution!r} mixes ranks")
+    if config.federation.sparse_stage.rounds and (aggregator.merges_into_base or tuple(aggregator.trainable) != ("a", "b")):
+        raise ValueError(f"federation.sparse_stage (SLoRA) starts LoRA from an SVD: it needs a method that trains both factors, not {method!r}")
+
+
 class Server:
     def __init__(
         self,
@@ -124,13 +135,9 @@ class Server:
         self.client_ids = list(client_ids)
         self.max_ranks = max_ranks(self.profiles)
         self.aggregator = get_aggregator(config.federation.method, **config.federation.method_options)
-        method = config.federation.method
-        if not self.aggregator.mixed_ranks and len({tuple(sorted(p.ranks.items())) for p in self.profiles}) > 1:
-            raise ValueError(f"federation.method {method!r} needs one common rank; resources.distribution={config.resources.distribution!r} mixes ranks")
+        check_method(config, self.aggregator, self.profiles)
         self.link = Link(self.aggregator, self.shapes, config.lora.alpha, config.lora.rslora, config.seed)
         stage = config.federation.sparse_stage
-        if stage.rounds and (self.aggregator.merges_into_base or tuple(self.aggregator.trainable) != ("a", "b")):
-            raise ValueError(f"federation.sparse_stage (SLoRA) starts LoRA from an SVD: it needs a method that trains both factors, not {method!r}")
         self.sparse_indices = sparse.sparse_indices(self.shapes, stage.density, derived_seed(config.seed, "sparse")) if stage.rounds else {}
         self.local_rule = self.aggregator.local_rule()
         self.client_ranks: dict[str, dict[str, int]] = {}  # the current state's (``use_ranks``)
@@ -327,12 +334,22 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
     return final
 
 
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((Path(run_dir) / _CHECKPOINTS).glob("round-*"))
+    return found[-1] if found else None
+
+
+def checkpoint_round(run_dir: Path) -> int | None:
+    """The round of a run's newest checkpoint (what --resume continues after) without loading its tensors."""
+    path = _newest_checkpoint(run_dir)
+    return None if path is None else json.loads((path / "state.json").read_text())["round"]
+
+
 def load_checkpoint(run_dir: Path) -> ServerState | None:
     """The newest complete checkpoint of a run, or None if it has none."""
-    found = sorted((Path(run_dir) / _CHECKPOINTS).glob("round-*"))
-    if not found:
+    path = _newest_checkpoint(run_dir)
+    if path is None:
         return None
-    path = found[-1]
     meta = json.loads((path / "state.json").read_text())
     adapter = _load_factors(path / "global.safetensors", meta["scales"])
     base_update = _load_factors(path / "base_update.safetensors", meta.get("base_scales", {}))
