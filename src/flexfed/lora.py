@@ -57,10 +57,18 @@ class Factors:
         return self.scale * (self.b.to(dtype) @ self.a.to(dtype))
 
     def norm(self) -> float:
-        """‖s B A‖_F in float64 from the r x r Grams, tr((BᵀB)(AAᵀ)) = ‖BA‖_F²: no d x k product,
-        and finite for any finite factors (inf only when the update itself is beyond float64)."""
-        b, a = self.b.double(), self.a.double()
-        return abs(self.scale) * float(((b.mT @ b) * (a @ a.mT)).sum().clamp_min(0).sqrt())
+        """‖s B A‖_F, in float64: finite for any finite factors (inf only beyond float64)."""
+        return abs(self.scale) * float(product_norm(self.b.double(), self.a.double()))
+
+
+def product_norm(b: Tensor, a: Tensor) -> Tensor:
+    """‖B A‖_F from the r x r Gram matrices, tr((BᵀB)(AAᵀ)) = ‖BA‖_F²: no d x k product.
+
+    Differentiable (a method may penalise it in training); at exactly zero, where the square root
+    has no derivative, the gradient is taken as 0, a subgradient, so a zero product gets no NaN."""
+    squared = ((b.mT @ b) * (a @ a.mT)).sum().clamp_min(0)
+    positive = squared > 0
+    return torch.where(positive, torch.where(positive, squared, 1.0).sqrt(), 0.0)
 
 
 Adapter = dict[str, Factors]

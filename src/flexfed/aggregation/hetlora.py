@@ -52,27 +52,12 @@ import torch
 from torch import Tensor
 
 from flexfed.aggregation.base import Aggregator, LocalRule, Scale, truncate, validate
-from flexfed.lora import Adapter, Factors
-
-
-def _product_norm(b: Tensor, a: Tensor) -> Tensor:
-    """‖B A‖_F from the r x r Gram matrices: tr((BᵀB)(AAᵀ)) = ‖BA‖_F², no d x k product.
-
-    At exactly zero the square root has no derivative; the gradient there is taken as 0 (a
-    subgradient of the norm), so an all-zero tail gets no push and no NaN."""
-    squared = ((b.mT @ b) * (a @ a.mT)).sum().clamp_min(0)
-    positive = squared > 0
-    return torch.where(positive, torch.where(positive, squared, 1.0).sqrt(), 0.0)
-
-
-def update_norm(f: Factors) -> float:
-    """‖ΔW‖_F = |s| ‖B A‖_F of one client's matrix."""
-    return abs(f.scale) * float(_product_norm(f.b.double(), f.a.double()))
+from flexfed.lora import Adapter, Factors, product_norm
 
 
 def sparsity_weights(factors: Sequence[Factors], p: Sequence[float]) -> list[float]:
     """The paper's w_i = ‖ΔW_i‖_F / Σ_j ‖ΔW_j‖_F over the clients with p_i > 0 (p_i if all are 0)."""
-    norms = [update_norm(f) if pi > 0 else 0.0 for f, pi in zip(factors, p)]
+    norms = [f.norm() if pi > 0 else 0.0 for f, pi in zip(factors, p)]
     total = sum(norms)
     if total == 0:  # nothing trained yet (e.g. B = 0 everywhere): no norm to weigh by
         return list(p)
@@ -139,7 +124,7 @@ class RankSelfPruning(LocalRule):
             keep = kept_rank(a.shape[0], self.gamma)
             if keep == a.shape[0]:
                 continue
-            norm = _product_norm(b[:, keep:], a[keep:])
+            norm = product_norm(b[:, keep:], a[keep:])
             total = norm if total is None else total + norm
         if total is None:
             first = next(iter(factors.values()))[1]

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from flexfed.aggregation.base import Aggregator, require_common_rank, validate
-from flexfed.lora import Adapter, Factors
+from flexfed.lora import Adapter, Factors, product_norm
 
 PAPER_REGULARIZATION = 0.01  # λ in the paper's experiments
 
@@ -183,7 +183,7 @@ def lora_fair_refine(factors: Sequence[Factors], p: Sequence[float], regularizat
     weighted_b = torch.cat([(pi * f.scale) * f.b.double() for pi, f in zip(p, factors)], dim=1)
     stacked_a = torch.cat([f.a.double() for f in factors], dim=0)
     target = weighted_b @ (stacked_a @ a_bar.mT)  # C = ΔW Āᵀ
-    target_norm = math.sqrt(max(float(((weighted_b.mT @ weighted_b) * (stacked_a @ stacked_a.mT)).sum()), 0.0))
+    target_norm = float(product_norm(weighted_b, stacked_a))  # ‖ΔW‖_F
     gram = a_bar @ a_bar.mT
     target_size = float(torch.linalg.norm(target))
     if target_norm == 0.0 or target_size == 0.0 or float(gram.diagonal().sum()) == 0.0:
