@@ -44,7 +44,6 @@ init, learning rate and the LoRA scale). ``regularization`` sets λ.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
