@@ -78,6 +78,10 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_config, tm
         assert all(torch.equal(a.base_update[n].a, b.base_update[n].a) and torch.equal(a.base_update[n].b, b.base_update[n].b) for n in a.base_update)
     if method == "hetlora":  # the ranks clients pruned themselves to are part of the state
         assert a.client_ranks == b.client_ranks and pruned_before
+        # the round a client pruned in records what it sent beside what it was served
+        pruned = [c for m in _metrics(whole.run_dir) for c in m.get("clients", []) if "ranks_sent" in c]
+        assert set(pruned_before) <= {c["id"] for c in pruned}
+        assert all(c["ranks_sent"][k] < c["ranks"][k] for c in pruned for k in c["ranks"])
         # and clients pruned before the interruption were served their pruned ranks after it
         after = [c for m in _metrics(parted.run_dir) if m["round"] > stop for c in m["clients"] if c["id"] in pruned_before]
         assert after and all(set(c["ranks"].values()) == set(pruned_before[c["id"]].values()) for c in after)

@@ -138,6 +138,9 @@ class Simulation:
             updates.append(update)
             weights.append(self.client_weight(round_, c, result))
             records.append(self._client_record(c, result, payload_bytes(down), payload_bytes(up)))
+            sent = _ranks_by_kind({n: f.rank for n, f in update.items()})
+            if sent != records[-1]["ranks"]:  # the client cut its own rank (HetLoRA's self-pruning)
+                records[-1]["ranks_sent"] = sent
         return updates, weights, records, failures
 
     def client_weight(self, round_: int, c: int, result: ClientResult) -> int:
