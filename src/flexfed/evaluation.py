@@ -25,6 +25,7 @@ class EvalItem:
     prompt_ids: tuple[int, ...]
     references: tuple[str, ...]
     scored: EncodedExample  # prompt + first reference, for the evaluation loss
+    task_size: int = 1  # examples of the task in the data set: its weight in the weighted aggregate
 
 
 @lru_cache(maxsize=1)
