@@ -117,10 +117,9 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
         s[f"rouge_l_{split}_round0"], s[f"rouge_l_{split}_final"] = base, final
         s[f"rouge_l_{split}_gain"] = final - base if base is not None and final is not None else None
         s[f"rouge_l_{split}_final_round"] = xs[-1] if xs else None
-    key = "rouge_l_unseen" if _series(rows, "rouge_l_unseen")[0] else "rouge_l_seen"
-    xs, ys = _series(rows, key)
-    s["best_by"] = key
-    s["best_round"], s["best_rouge_l"] = max(zip(xs, ys), key=lambda p: p[1]) if xs else (None, None)
+    s.update(_unseen_at(rows, "final", _series(rows, "rouge_l_unseen")[0][-1:]))
+    s.update(best_round(rows))
+    s.update(_unseen_at(rows, "at_best", [s["best_round"]] if s["best_round"] is not None else []))
     for k in ("bytes_up", "bytes_down", "tokens_trained", "time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s"):
         s[k] = sum(_series(rows, k)[1])
     s["bytes_total"] = s["bytes_up"] + s["bytes_down"]
@@ -130,6 +129,23 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
         last = cats[-1]["rouge_l_unseen_by_category"]
         s["rouge_l_unseen_by_category"] = {c: {"round0": _num(first.get(c)), "final": _num(v)} for c, v in sorted(last.items())}
     return s
+
+
+def best_round(rows: list[dict]) -> dict:
+    """The round with the best validation Rouge-L (the earliest of ties), never chosen on a test
+    split: choosing on unseen scores would report the test set's luckiest round. Runs without a
+    validation split (older runs, ``eval.validation_examples: 0``) have no best round."""
+    xs, ys = _series(rows, "rouge_l_validation")
+    if not xs:
+        return {"best_by": None, "best_round": None, "best_rouge_l_validation": None}
+    best = max(range(len(xs)), key=lambda i: (ys[i], -xs[i]))
+    return {"best_by": "rouge_l_validation", "best_round": xs[best], "best_rouge_l_validation": ys[best]}
+
+
+def _unseen_at(rows: list[dict], label: str, rounds: list[int]) -> dict:
+    """Unseen Rouge-L, equal-weight over tasks and weighted by task size, at one round (or None)."""
+    row = next((r for r in rows if rounds and r["round"] == rounds[0]), {})
+    return {f"rouge_l_unseen{kind}_{label}": _num(row.get(f"rouge_l_unseen{kind}")) for kind in ("", "_weighted")}
 
 
 # ---------------------------------------------------------------- formatting
@@ -285,10 +301,19 @@ def _markdown(sums: list[dict], plots: list[str]) -> str:
          s["clients"] or "–", _f(s["clients_per_round"], ".3g"), ", ".join(s["ranks"]) or "–", _f(s["seed"], "")]
         for s in sums]))
     out += ["", "## Rouge-L (round 0 = base model; final = last evaluated round)", ""]
-    head = ["run", "seen r0", "seen final", "seen gain", "unseen r0", "unseen final", "unseen gain", "final round", "best round"]
+    head = ["run", "seen r0", "seen final", "seen gain", "unseen r0", "unseen final", "unseen gain", "final round"]
     out.append(table(head, [
         [s["run"], *(x for k in SPLITS for x in (_f(s[f"rouge_l_{k}_round0"]), _f(s[f"rouge_l_{k}_final"]), gain(s[f"rouge_l_{k}_gain"]))),
-         _f(s["rouge_l_unseen_final_round"], ""), f"{_f(s['best_round'], '')} ({_f(s['best_rouge_l'])} {s['best_by'][8:]})"]
+         _f(s["rouge_l_unseen_final_round"], "")]
+        for s in sums]))
+    out += ["", "## Unseen Rouge-L at the round chosen on validation and at the last round", "",
+            "Rounds are chosen on the validation split (held-out instances of seen tasks), never on unseen "
+            "scores. *mean*: equal weight per unseen task; *weighted*: weighted by the tasks' numbers of "
+            "examples (FlexLoRA's aggregate).", ""]
+    out.append(table(["run", "best round", "validation", "unseen mean", "unseen weighted", "last round", "unseen mean", "unseen weighted"], [
+        [s["run"], _f(s["best_round"], ""), _f(s["best_rouge_l_validation"]), _f(s["rouge_l_unseen_at_best"]),
+         _f(s["rouge_l_unseen_weighted_at_best"]), _f(s["rouge_l_unseen_final_round"], ""), _f(s["rouge_l_unseen_final"]),
+         _f(s["rouge_l_unseen_weighted_final"])]
         for s in sums]))
     out += ["", "## Cost", ""]
     out.append(table(["run", "bytes up", "bytes down", "total", "tokens trained", "train", "aggregate", "eval", "wall"], [
@@ -340,15 +365,16 @@ def headline_table(sums: list[dict]):
     from rich import box
     from rich.table import Table
 
-    t = Table(title="flexfed report", caption="Rouge-L: last evaluated round (gain over round 0)",
-              box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    t = Table(title="flexfed report", caption="Rouge-L: last evaluated round (gain over round 0); "
+              "best: round chosen on validation: unseen Rouge-L there", box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
     names = [s["run"] if s["method"] in (None, s["run"]) else f"{s['run']} ({s['method']})" for s in sums]
     t.add_column("run", min_width=min(20, max(len(w) for n in names for w in n.split())))
     for col in ("rounds", "Rouge-L seen", "Rouge-L unseen", "best", "comm", "wall"):
         t.add_column(col, justify="right", no_wrap=True)
     for s, name in zip(sums, names):
         rl = [f"{_f(s[f'rouge_l_{k}_final'])} ({_f(s[f'rouge_l_{k}_gain'], '+.3f')})" for k in SPLITS]
-        t.add_row(name, str(s["rounds"]), *rl, _f(s["best_round"], ""),
+        best = "–" if s["best_round"] is None else f"{s['best_round']}: {_f(s['rouge_l_unseen_at_best'])}"
+        t.add_row(name, str(s["rounds"]), *rl, best,
                   human_bytes(s["bytes_total"]), human_seconds(s["time_round_s"]))
     return t
 

@@ -7,7 +7,7 @@ client's examples up (`materialize`) and encode them with the model's chat templ
 """
 
 from flexfed.data.builtin import FAMILIES, builtin_suite
-from flexfed.data.instances import Instances, instances_of, source_instances, template_words, without_instances, word_overlap_leaks
+from flexfed.data.instances import Instances, instances_of, source_instances, template_words, without_instances, word_overlap_leaks, words
 from flexfed.data.jsonl import dataset_categories, load_instruction_jsonl, load_prompt_completion_dir
 from flexfed.data.natural_instructions import load_natural_instructions
 from flexfed.data.partition import PARTITIONERS, by_task, dirichlet, holdout_examples, iid, partition, split_tasks
@@ -58,4 +58,5 @@ __all__ = [
     "user_content",
     "without_instances",
     "word_overlap_leaks",
+    "words",
 ]

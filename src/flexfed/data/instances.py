@@ -43,9 +43,9 @@ NEIGHBOURS = 8
 END_CHARS = 500
 # Two examples are one instance when they share at least this share of the smaller one's
 # content shingles.
-SAME_INSTANCE_SHARE = 0.5
+SAME_INSTANCE_SHARE = 0.7
 # ... and at least this many: one shared shingle ("where is the") says nothing.
-MIN_SHARED = 2
+MIN_SHARED = 3
 
 Instances = dict[Example, int]  # every example -> its source instance (equal examples: one instance)
 
