@@ -163,6 +163,7 @@ def test_source_instances_group_one_passage_under_sibling_templates():
     assert of(topic)[5:] == of(section)[:5]  # passages 5-9 are one instance under both templates
     assert of(quotes)[0] == of(topic)[0]  # a quoted passage is the same instance in another dataset
     assert len(set(instances.values())) == 10 + 5 + 9  # nothing else is merged
+    assert sorted(source_instances([quotes]).values()) == list(range(10))  # nothing shared: all apart
 
 
 def test_holdout_examples_hold_out_whole_instances():
@@ -175,6 +176,8 @@ def test_holdout_examples_hold_out_whole_instances():
         assert not trained & {instances[e] for t in evaluation for e in t.examples}
         # Nothing but the held-out instances leaves training.
         assert sum(len(t) for t in train) == 20 - sum(1 for t in tasks for e in t.examples if instances[e] not in trained)
+    with pytest.raises(ValueError, match=r"do not cover every example of tasks \['news_section'\]"):
+        holdout_examples(tasks, 2, 0, source_instances(tasks[:1]))
     # Example by example (every example its own instance), a sibling's copy stays in training.
     leaked = []
     for seed in range(5):

@@ -45,7 +45,8 @@ NEIGHBOURS = 8
 # far less, and a summarisation article would otherwise cost as much as fifty questions.
 END_CHARS = 500
 # Two examples are one instance when they share at least this share of the smaller one's
-# content shingles.
+# sketch. Near-copies that differ in a word or two also pass (built-in "Amir/Lucas moved to
+# Athens last year."); P3's sibling-template copies share nearly all.
 SAME_INSTANCE_SHARE = 0.7
 # ... and at least this many: one shared shingle ("where is the") says nothing.
 MIN_SHARED = 3
@@ -69,18 +70,27 @@ def source_instances(tasks: Sequence[Task]) -> Instances:
     example_task = np.repeat(np.arange(len(tasks)), sizes)
     example_ids, shingles = _shingles([_ends(e.input) for e in examples])
     example_ids, shingles = _content(example_ids, shingles, example_task, sizes)
-    parent = _link(*_sketch(example_ids, shingles), len(examples))
-    ids = np.unique(parent, return_inverse=True, sorted=True)[1].ravel().tolist()
+    smallest_member = _link(*_sketch(example_ids, shingles), len(examples))
+    ids = np.unique(smallest_member, return_inverse=True)[1].ravel().tolist()
     return dict(zip(examples, ids))
+
+
+def check_covered(tasks: Sequence[Task], instances: Instances) -> None:
+    """Refuse ``instances`` that miss an example of ``tasks`` (computed over other tasks)."""
+    missing = [t.name for t in tasks if any(e not in instances for e in t.examples)]
+    if missing:
+        raise ValueError(f"instances do not cover every example of tasks {missing[:5]}; compute them with source_instances over these tasks")
 
 
 def instances_of(tasks: Sequence[Task], instances: Instances) -> set[int]:
     """Every instance that an example of ``tasks`` belongs to."""
+    check_covered(tasks, instances)
     return {instances[e] for t in tasks for e in t.examples}
 
 
 def without_instances(tasks: Sequence[Task], drop: set[int], instances: Instances) -> tuple[list[Task], int]:
     """``tasks`` minus every example of an instance in ``drop``, and how many examples that removed."""
+    check_covered(tasks, instances)
     kept, removed = [], 0
     for task in tasks:
         examples = tuple(e for e in task.examples if instances[e] not in drop)
@@ -238,6 +248,8 @@ def _link(example_ids: np.ndarray, shingles: np.ndarray, total: int) -> np.ndarr
         same_shingle = shingles[step:] == shingles[:-step]
         pairs.append(example_ids[:-step][same_shingle] * total + example_ids[step:][same_shingle])
     pair = np.sort(np.concatenate(pairs))
+    if len(pair) == 0:  # no shingle in two examples
+        return np.arange(total)
     starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
     pair, shared = pair[starts], np.diff(np.r_[starts, len(pair)])
     a, b = pair // total, pair % total

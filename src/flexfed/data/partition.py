@@ -2,8 +2,8 @@
 
 The FlexLoRA protocol: hold out whole categories (their tasks are never trained on), give each
 remaining task to one client, and report Rouge-L on the unseen tasks. `holdout_examples`
-additionally carves evaluation examples out of the seen tasks, so seen-task scores use
-examples no client trained on. FedIT/OpenFedLLM-style setups instead spread a dataset over
+additionally carves evaluation examples out of the seen tasks, whole source instances at a
+time, so seen-task scores use items no client trained on under any template. FedIT/OpenFedLLM-style setups instead spread a dataset over
 clients with a Dirichlet(α) skew over categories (`dirichlet`) or uniformly (`iid`).
 
 Partitioners return `ClientShard`s: task names and example indices, never copies, so ten
@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from flexfed.data.instances import Instances
+from flexfed.data.instances import Instances, check_covered
 from flexfed.data.sampling import np_rng, rng
 from flexfed.data.types import ClientShard, Task, task_table
 
@@ -91,6 +91,7 @@ def holdout_examples(
         raise ValueError(f"limit must be >= 1, got {limit}")
     if instances is None:
         instances = {e: i for i, e in enumerate(e for t in tasks for e in t.examples)}
+    check_covered(tasks, instances)
     # How many examples of each task every instance holds.
     spread: dict[int, Counter] = defaultdict(Counter)
     for position, task in enumerate(tasks):
