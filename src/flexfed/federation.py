@@ -131,7 +131,7 @@ def held_out_splits(config: RunConfig, tasks: list[Task]) -> dict[str, list[Task
     train = [replace(t, examples=tuple(x for i, x in enumerate(t.examples) if (t.name, i) not in near)) for t in train]
     log.info(
         "held out by source instance: of %d seen examples, %d left training for sharing an instance with unseen tasks, "
-        "%d for sharing one with seen-test or validation examples, %d as near-copies of evaluated inputs; %d train",
+        "%d as instances of seen-test or validation examples (those examples included), %d as near-copies of evaluated inputs; %d train",
         total,
         shared_with_unseen,
         held_instances,
