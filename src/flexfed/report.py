@@ -365,16 +365,17 @@ def headline_table(sums: list[dict]):
     from rich import box
     from rich.table import Table
 
-    t = Table(title="flexfed report", caption="Rouge-L: last evaluated round (gain over round 0); "
-              "best: round chosen on validation: unseen Rouge-L there", box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    t = Table(title="flexfed report", caption="Rouge-L at the last evaluated round (unseen: gain over round 0); "
+              "best: the round chosen on validation and the unseen Rouge-L there", box=box.SIMPLE_HEAD, header_style="bold",
+              pad_edge=False)
     names = [s["run"] if s["method"] in (None, s["run"]) else f"{s['run']} ({s['method']})" for s in sums]
     t.add_column("run", min_width=min(20, max(len(w) for n in names for w in n.split())))
-    for col in ("rounds", "Rouge-L seen", "Rouge-L unseen", "best", "comm", "wall"):
+    for col in ("rounds", "seen", "unseen", "best", "comm", "wall"):
         t.add_column(col, justify="right", no_wrap=True)
     for s, name in zip(sums, names):
-        rl = [f"{_f(s[f'rouge_l_{k}_final'])} ({_f(s[f'rouge_l_{k}_gain'], '+.3f')})" for k in SPLITS]
+        unseen = f"{_f(s['rouge_l_unseen_final'])} ({_f(s['rouge_l_unseen_gain'], '+.3f')})"
         best = "–" if s["best_round"] is None else f"{s['best_round']}: {_f(s['rouge_l_unseen_at_best'])}"
-        t.add_row(name, str(s["rounds"]), *rl, best,
+        t.add_row(name, str(s["rounds"]), _f(s["rouge_l_seen_final"]), unseen, best,
                   human_bytes(s["bytes_total"]), human_seconds(s["time_round_s"]))
     return t
 
