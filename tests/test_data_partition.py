@@ -13,12 +13,18 @@ from flexfed.data import (
     Task,
     by_task,
     dirichlet,
+    builtin_suite,
     holdout_examples,
     iid,
+    load_prompt_completion_dir,
     materialize,
     partition,
+    source_instances,
     split_tasks,
     task_table,
+    template_words,
+    word_overlap_leaks,
+    words,
 )
 
 
@@ -127,6 +133,101 @@ def test_holdout_examples_are_disjoint_and_complete():
     assert holdout_examples(tasks, 8, seed=1) != (train, evaluation)
     with pytest.raises(ValueError, match="per_task"):
         holdout_examples(tasks, 0, seed=0)
+
+
+# ---------------------------------------------------------------- source instances
+
+
+def passage(i: int) -> str:
+    """Twelve words no other passage uses: one source instance's text."""
+    return " ".join(f"p{i}w{j}" for j in range(12))
+
+
+def sibling_templates() -> list[Task]:
+    """Two templates of one dataset over passages 0-9 and 5-14 (5-9 under both), as P3 has them,
+    and another dataset that happens to quote passage 0."""
+    def task(name, category, texts):
+        return Task(name, category, "", tuple(Example(t, ("x",)) for t in texts))
+
+    return [
+        task("news_topic", "news", [f"Article: {passage(i)}\nWhat is the topic of this article?" for i in range(10)]),
+        task("news_section", "news", [f"{passage(i)}\n\nWhich section of the newspaper would this go in?" for i in range(5, 15)]),
+        task("quotes_who", "quotes", [f"Who wrote this: {passage(0)}"] + [f"Who wrote this: {passage(i)}" for i in range(20, 29)]),
+    ]
+
+
+def test_source_instances_group_one_passage_under_sibling_templates():
+    topic, section, quotes = sibling_templates()
+    instances = source_instances([topic, section, quotes])
+    of = lambda task: [instances[e] for e in task.examples]
+    assert of(topic)[5:] == of(section)[:5]  # passages 5-9 are one instance under both templates
+    assert of(quotes)[0] == of(topic)[0]  # a quoted passage is the same instance in another dataset
+    assert len(set(instances.values())) == 10 + 5 + 9  # nothing else is merged
+    assert sorted(source_instances([quotes]).values()) == list(range(10))  # nothing shared: all apart
+
+
+def test_holdout_examples_hold_out_whole_instances():
+    tasks = sibling_templates()[:2]
+    instances = source_instances(tasks)
+    for seed in range(5):
+        train, evaluation = holdout_examples(tasks, 2, seed, instances)
+        trained = {instances[e] for t in train for e in t.examples}
+        assert [len(t) for t in evaluation] == [2, 2]
+        assert not trained & {instances[e] for t in evaluation for e in t.examples}
+        # Nothing but the held-out instances leaves training.
+        assert sum(len(t) for t in train) == 20 - sum(1 for t in tasks for e in t.examples if instances[e] not in trained)
+    with pytest.raises(ValueError, match=r"do not cover every example of tasks \['news_section'\]"):
+        holdout_examples(tasks, 2, 0, source_instances(tasks[:1]))
+    # Example by example (every example its own instance), a sibling's copy stays in training.
+    leaked = []
+    for seed in range(5):
+        train, evaluation = holdout_examples(tasks, 2, seed)
+        trained = {instances[e] for t in train for e in t.examples}
+        leaked += [e for t in evaluation for e in t.examples if instances[e] in trained]
+    assert leaked
+
+
+def test_builtin_suite_groups_only_near_copies():
+    """The built-in families draw every example independently: the grouping may merge only inputs
+    that differ in a word or two ("Amir/Lucas moved to Athens last year.")."""
+    tasks = builtin_suite(examples_per_task=32, seed=0)
+    instances = source_instances(tasks)
+    members: dict[int, set[str]] = {}
+    for task in tasks:
+        for example in task.examples:
+            members.setdefault(instances[example], set()).add(example.input)
+    for inputs in members.values():
+        first, *others = [set(words(x)) for x in inputs]
+        assert all(len(first ^ other) <= 4 for other in others), inputs
+
+
+@pytest.fixture(scope="module")
+def p3(shared_data):
+    """The P3 tasks, their source instances and template words (computed once: seconds each)."""
+    path = shared_data / "p3-tasks"
+    tasks = load_prompt_completion_dir(path)
+    return path, tasks, source_instances(tasks), template_words(tasks)
+
+
+@pytest.mark.parametrize("holdout_by", ["category", "task"])
+def test_no_evaluated_input_is_a_near_copy_of_a_training_input_on_p3(p3, holdout_by):
+    """Issue 9: held out example by example, 356 of 376 seen-task evaluation inputs overlapped a
+    training input of their category by word Jaccard > 0.6. Now no evaluated input (seen test,
+    validation, unseen) does, counting content words (each task's template words left out), and
+    none shares a source instance with a training input."""
+    from flexfed.config import validate
+    from flexfed.federation import held_out_splits
+
+    path, tasks, instances, ignore = p3
+    config = validate({"data": {"source": "prompt-completion", "path": str(path), "holdout_by": holdout_by}})
+    splits = held_out_splits(config, tasks)
+    assert [sum(len(t) for t in splits[k]) for k in ("seen", "validation", "unseen")] == [64, 32, 64]
+    for split in ("seen", "validation", "unseen"):
+        assert word_overlap_leaks(splits[split], splits["train"], ignore=ignore) == [], split
+    trained = {instances[e] for t in splits["train"] for e in t.examples}
+    for split in ("seen", "validation", "unseen"):
+        assert not trained & {instances[e] for t in splits[split] for e in t.examples}, split
+    assert not {instances[e] for t in splits["seen"] for e in t.examples} & {instances[e] for t in splits["validation"] for e in t.examples}
 
 
 # ---------------------------------------------------------------- partitioners

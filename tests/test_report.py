@@ -38,6 +38,7 @@ def make_run(root, name="flexlora", method="flexlora", rounds=12, every=3, seed=
             "round": r, "method": method, "train_loss": None if r == 0 else sum(c["loss"] for c in clients) / 4,
             "eval_loss_seen": ev(2.5 - 0.8 * p), "eval_loss_unseen": ev(2.8 - 0.5 * p),
             "rouge_l_seen": ev(0.2 + gain * 1.4 * p), "rouge_l_unseen": ev(0.15 + gain * p),
+            "rouge_l_unseen_weighted": ev(0.12 + gain * p), "rouge_l_validation": ev(0.18 + gain * 1.2 * p),
             "rouge_l_unseen_by_category": {"arithmetic": ev(0.1 + gain * p), "copy": ev(0.3 + gain * p)} if evaluated else None,
             "bytes_up": sum(c["bytes_up"] for c in clients), "bytes_down": sum(c["bytes_down"] for c in clients),
             "tokens_trained": sum(c["tokens"] for c in clients), "clients_sampled": 4 if r else 0,
@@ -70,7 +71,7 @@ def test_single_run_report(tmp_path):
         assert s[f"rouge_l_{split}_final"] == rows[-1][f"rouge_l_{split}"]
         assert s[f"rouge_l_{split}_gain"] == pytest.approx(rows[-1][f"rouge_l_{split}"] - rows[0][f"rouge_l_{split}"])
     evaluated = [r for r in rows if r["rouge_l_unseen"] is not None]
-    assert s["best_round"] == max(evaluated, key=lambda r: r["rouge_l_unseen"])["round"]
+    assert s["best_round"] == max(evaluated, key=lambda r: r["rouge_l_validation"])["round"]
     assert s["bytes_up"] == sum(r["bytes_up"] for r in rows)
     assert s["bytes_total"] == sum(r["bytes_up"] + r["bytes_down"] for r in rows)
     assert s["time_eval_s"] == pytest.approx(30.0 * len(evaluated))
@@ -146,3 +147,34 @@ def test_clients_are_the_registered_ones_not_those_seen(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert summarize(run)["clients"] == 57 != len(seen)
     assert "| 57 |" in (write_report([run]) / "summary.md").read_text()
+
+
+def test_best_round_is_chosen_on_validation_and_unseen_reported_there_and_last(tmp_path):
+    """Validation peaks at round 1, unseen at round 2: the best round is 1, with unseen scores there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"round": 0, "rouge_l_validation": 0.10, "rouge_l_unseen": 0.20, "rouge_l_unseen_weighted": 0.25},
+        {"round": 1, "rouge_l_validation": 0.40, "rouge_l_unseen": 0.30, "rouge_l_unseen_weighted": 0.35},
+        {"round": 2, "rouge_l_validation": 0.30, "rouge_l_unseen": 0.50, "rouge_l_unseen_weighted": 0.45},
+        {"round": 3, "rouge_l_validation": 0.40, "rouge_l_unseen": 0.10, "rouge_l_unseen_weighted": 0.15},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = summarize(run)
+    assert (s["best_by"], s["best_round"], s["best_rouge_l_validation"]) == ("rouge_l_validation", 1, 0.40)  # earliest of ties
+    assert (s["rouge_l_unseen_at_best"], s["rouge_l_unseen_weighted_at_best"]) == (0.30, 0.35)
+    assert (s["rouge_l_unseen_final"], s["rouge_l_unseen_weighted_final"]) == (0.10, 0.15)
+    md = (write_report([run]) / "summary.md").read_text()
+    assert "| run | 1 | 0.400 | 0.300 | 0.350 | 3 | 0.100 | 0.150 |" in md
+    console = Console(record=True, width=100)
+    print_summary([run], console)
+    assert "1: 0.300" in console.export_text()
+
+
+def test_no_best_round_without_a_validation_split(tmp_path):
+    """Never fall back to choosing on the unseen (test) scores."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 0, "rouge_l_unseen": 0.2}\n{"round": 1, "rouge_l_unseen": 0.5}\n')
+    s = summarize(run)
+    assert s["best_round"] is None and s["best_by"] is None and s["rouge_l_unseen_at_best"] is None

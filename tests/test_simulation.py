@@ -31,6 +31,12 @@ def test_a_run_writes_config_metrics_adapters_and_report_inputs(tiny_config):
     metrics = _metrics(run_dir)
     assert [m["round"] for m in metrics] == [0, 1, 2]
     assert metrics[0]["train_loss"] is None and metrics[0]["rouge_l_unseen"] is not None
+    for m in metrics:  # every round of this run is evaluated, validation too
+        assert m["rouge_l_validation"] is not None and m["eval_loss_validation"] is not None
+        assert m["rouge_l_unseen"] == pytest.approx(sum(m["rouge_l_unseen_by_task"].values()) / len(m["rouge_l_unseen_by_task"]))
+        assert m["rouge_l_unseen_weighted"] is not None
+    predictions = [json.loads(x) for x in (run_dir / "predictions" / "round-0002.jsonl").read_text().splitlines()]
+    assert sum(p["split"] == "validation" for p in predictions) == config.eval.validation_examples
     for m in metrics[1:]:
         assert m["clients_reported"] == m["clients_sampled"] == 5  # ceil(0.1 * 50)
         assert m["bytes_up"] == sum(c["bytes_up"] for c in m["clients"]) > 0

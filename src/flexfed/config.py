@@ -144,6 +144,9 @@ class EvalConfig(_Section):
     seen_examples_per_task: int = Field(2, ge=1)  # held out from seen tasks, never trained on
     seen_examples: int = Field(64, ge=1)  # at most this many of the held-out seen examples
     unseen_examples: int = Field(64, ge=1)  # fixed seeded subset of the unseen tasks
+    # Held-out instances of seen tasks, disjoint from the seen test set, on which the report
+    # chooses the best round; 0: none. Kept small: every evaluated round generates for them too.
+    validation_examples: int = Field(32, ge=0)
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
 

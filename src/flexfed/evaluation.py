@@ -25,6 +25,7 @@ class EvalItem:
     prompt_ids: tuple[int, ...]
     references: tuple[str, ...]
     scored: EncodedExample  # prompt + first reference, for the evaluation loss
+    task_size: int = 1  # examples of the task in the data set: its weight in the weighted aggregate
 
 
 @lru_cache(maxsize=1)
@@ -91,23 +92,38 @@ def evaluation_loss(model, items: Sequence[EvalItem], pad_id: int, batch_size: i
     return total / max(count, 1)
 
 
+def aggregate(scores: Sequence[float], items: Sequence[EvalItem]) -> dict:
+    """Item scores folded three ways: per task, the equal-weight mean of the task means, and
+    the mean of the task means weighted by the tasks' sizes (FlexLoRA's aggregate: Rouge-L over
+    unseen tasks weighted by their number of examples), plus the mean per category."""
+    by_task, by_category, size = defaultdict(list), defaultdict(list), {}
+    for score, item in zip(scores, items):
+        by_task[item.task].append(score)
+        by_category[item.category].append(score)
+        size[item.task] = item.task_size
+    task_mean = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
+    return {
+        "rouge_l": sum(task_mean.values()) / len(task_mean),
+        "rouge_l_weighted": sum(size[t] * m for t, m in task_mean.items()) / sum(size[t] for t in task_mean),
+        "rouge_l_by_task": task_mean,
+        "rouge_l_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
+    }
+
+
 def evaluate(model, tokenizer, items: Sequence[EvalItem], max_new_tokens: int, batch_size: int) -> dict:
-    """Rouge-L (mean over items, and per category) and loss of ``model`` on ``items``."""
+    """Rouge-L of ``model`` on ``items`` (see `aggregate`: ``rouge_l`` is the equal-weight mean
+    over tasks) and the token-weighted evaluation loss."""
     if not items:
-        return {"rouge_l": None, "loss": None, "rouge_l_by_category": {}, "predictions": []}
+        return {"rouge_l": None, "rouge_l_weighted": None, "loss": None, "rouge_l_by_task": {}, "rouge_l_by_category": {}, "predictions": []}
     was_training = model.training
     model.eval()
     predictions = generate(model, tokenizer, [it.prompt_ids for it in items], max_new_tokens, batch_size)
     loss = evaluation_loss(model, items, tokenizer.pad_token_id, batch_size)
     model.train(was_training)
     scores = [rouge_l(p, it.references) for p, it in zip(predictions, items)]
-    by_category = defaultdict(list)
-    for s, it in zip(scores, items):
-        by_category[it.category].append(s)
     return {
-        "rouge_l": sum(scores) / len(scores),
+        **aggregate(scores, items),
         "loss": loss,
-        "rouge_l_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
         "predictions": [
             {"task": it.task, "prediction": p, "reference": it.references[0], "rouge_l": s}
             for it, p, s in zip(items, predictions, scores)

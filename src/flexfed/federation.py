@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flexfed.client import ClientFailure
@@ -20,11 +21,16 @@ from flexfed.data import (
     encode_for_training,
     encode_prompt,
     holdout_examples,
+    instances_of,
     load_tasks,
     materialize,
     partition,
+    source_instances,
     split_tasks,
     task_table,
+    template_words,
+    without_instances,
+    word_overlap_leaks,
 )
 from flexfed.evaluation import EvalItem
 
@@ -33,10 +39,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Federation:
-    tasks: dict[str, Task]  # what clients train on (seen tasks minus their held-out examples)
+    tasks: dict[str, Task]  # what clients train on (seen tasks minus every held-out instance)
     clients: list[ClientShard]
-    eval_seen: list[EvalItem]  # held-out examples of seen tasks
+    eval_seen: list[EvalItem]  # held-out instances of seen tasks: the seen test set
     eval_unseen: list[EvalItem]  # a fixed seeded subset of the unseen tasks
+    eval_validation: list[EvalItem]  # other held-out instances of seen tasks: the best round is chosen on these
     seen_tasks: list[str]
     unseen_tasks: list[str]
 
@@ -63,21 +70,77 @@ def encode_example(config: RunConfig, tokenizer, task: Task, example) -> Encoded
     )
 
 
-def eval_items(config: RunConfig, tokenizer, tasks: list[Task], limit: int) -> list[EvalItem]:
+def evaluated(tasks: list[Task], limit: int, seed: int) -> list[Task]:
+    """The ``limit`` examples of ``tasks`` that are evaluated (`_subset`), as tasks of those examples."""
+    picked: dict[str, set[int]] = {}
+    for task, i in _subset(tasks, limit, seed):
+        picked.setdefault(task.name, set()).add(i)
+    return [replace(t, examples=tuple(e for i, e in enumerate(t.examples) if i in picked[t.name])) for t in tasks if t.name in picked]
+
+
+def eval_items(config: RunConfig, tokenizer, tasks: list[Task], sizes: Mapping[str, int]) -> list[EvalItem]:
+    """Every example of ``tasks``, encoded for evaluation; ``sizes`` are the tasks' full sizes
+    (examples in the data set), which weight the FlexLoRA-style aggregate."""
     prompt_budget = config.data.max_tokens - config.data.max_response_tokens
-    items = []
-    for task, i in _subset(tasks, limit, config.seed):
-        ex = task.examples[i]
-        items.append(
-            EvalItem(
-                task=task.name,
-                category=task.category,
-                prompt_ids=tuple(encode_prompt(tokenizer, task.definition, ex.input, prompt_budget)),
-                references=ex.outputs,
-                scored=encode_example(config, tokenizer, task, ex),
-            )
+    return [
+        EvalItem(
+            task=task.name,
+            category=task.category,
+            prompt_ids=tuple(encode_prompt(tokenizer, task.definition, ex.input, prompt_budget)),
+            references=ex.outputs,
+            scored=encode_example(config, tokenizer, task, ex),
+            task_size=sizes[task.name],
         )
-    return items
+        for task in tasks
+        for ex in task.examples
+    ]
+
+
+def held_out_splits(config: RunConfig, tasks: list[Task]) -> dict[str, list[Task]]:
+    """Seen/unseen split and hold-outs: training tasks and the evaluated seen, validation and unseen examples.
+
+    Sibling templates of one source dataset reuse its instances (P3: one passage under five
+    templates), so the hold-outs work on source instances (`source_instances`), not examples:
+
+    - no instance of an unseen task is trained on (with ``holdout_by=task`` its sibling
+      templates are seen tasks; with categories, instances shared across datasets);
+    - a seen-test or validation example's instance leaves every task's training data;
+    - validation instances are disjoint from seen-test ones: they are drawn after them.
+
+    Last, a training input whose content words (template words left out) overlap an evaluated
+    input of its category by Jaccard > 0.6 leaves training too: the grouping misses instances
+    whose templates reorder their fields, and near-copies of one item are leaks as well.
+    """
+    d, e = config.data, config.eval
+    instances = source_instances(tasks)
+    seen, unseen = split_tasks(tasks, d.unseen_fraction, config.seed, by=d.holdout_by)
+    total = sum(len(t) for t in seen)
+    seen, shared_with_unseen = without_instances(seen, instances_of(unseen, instances), instances)
+    train, seen_test = holdout_examples(seen, e.seen_examples_per_task, config.seed, instances)
+    validation = []
+    if e.validation_examples:
+        train, validation = holdout_examples(train, 1, config.seed, instances, limit=e.validation_examples, purpose="validation")
+    held_instances = sum(len(t) for t in seen) - sum(len(t) for t in train)
+    splits = {
+        "seen": evaluated(seen_test, e.seen_examples, config.seed),
+        "validation": evaluated(validation, e.validation_examples, config.seed) if validation else [],
+        "unseen": evaluated(unseen, e.unseen_examples, config.seed),
+    }
+    # Symmetric measure, so the "leaks" of training inputs against the evaluated ones are the
+    # training inputs to drop.
+    evaluated_tasks = [t for split in splits.values() for t in split]
+    near = {(name, i) for name, i, _, _ in word_overlap_leaks(train, evaluated_tasks, ignore=template_words(tasks))}
+    train = [replace(t, examples=tuple(x for i, x in enumerate(t.examples) if (t.name, i) not in near)) for t in train]
+    log.info(
+        "held out by source instance: of %d seen examples, %d left training for sharing an instance with unseen tasks, "
+        "%d as instances of seen-test or validation examples (those examples included), %d as near-copies of evaluated inputs; %d train",
+        total,
+        shared_with_unseen,
+        held_instances,
+        len(near),
+        sum(len(t) for t in train),
+    )
+    return {"train": train, **splits}
 
 
 def build_federation(config: RunConfig, tokenizer) -> Federation:
@@ -90,31 +153,34 @@ def build_federation(config: RunConfig, tokenizer) -> Federation:
     except FileNotFoundError as err:  # name the setting to change, not only the path that is missing
         raise FileNotFoundError(f"data.path {d.path!r} (data.source={d.source}): {err}; set data.path to the data's directory, "
                                 f"e.g. --set data.path=/path/to/data (relative paths are from {Path.cwd()})") from None
-    seen, unseen = split_tasks(tasks, d.unseen_fraction, config.seed, by=d.holdout_by)
-    train_tasks, seen_eval_tasks = holdout_examples(seen, config.eval.seen_examples_per_task, config.seed)
+    splits = held_out_splits(config, tasks)
+    train_tasks = splits["train"]
     if d.partition == "by_task":
         clients = partition(train_tasks, "by_task", config.seed, max_examples_per_client=d.max_examples_per_client)
     elif d.partition == "dirichlet":
         clients = partition(train_tasks, "dirichlet", config.seed, num_clients=d.num_clients, alpha=d.dirichlet_alpha)
     else:
         clients = partition(train_tasks, "iid", config.seed, num_clients=d.num_clients)
+    sizes = {t.name: len(t) for t in tasks}
     federation = Federation(
         tasks=task_table(train_tasks),
         clients=clients,
-        eval_seen=eval_items(config, tokenizer, seen_eval_tasks, config.eval.seen_examples),
-        eval_unseen=eval_items(config, tokenizer, unseen, config.eval.unseen_examples),
-        seen_tasks=[t.name for t in seen],
-        unseen_tasks=[t.name for t in unseen],
+        eval_seen=eval_items(config, tokenizer, splits["seen"], sizes),
+        eval_unseen=eval_items(config, tokenizer, splits["unseen"], sizes),
+        eval_validation=eval_items(config, tokenizer, splits["validation"], sizes),
+        seen_tasks=[t.name for t in train_tasks],
+        unseen_tasks=[t.name for t in splits["unseen"]],
     )
     log.info(
-        "%d tasks (%d seen, %d unseen, %d categories unseen); %d clients; eval %d seen + %d unseen examples",
+        "%d tasks (%d seen, %d unseen, %d categories unseen); %d clients; eval %d seen + %d unseen + %d validation examples",
         len(tasks),
-        len(seen),
-        len(unseen),
-        len({t.category for t in unseen}),
+        len(train_tasks),
+        len(splits["unseen"]),
+        len({t.category for t in splits["unseen"]}),
         len(clients),
         len(federation.eval_seen),
         len(federation.eval_unseen),
+        len(federation.eval_validation),
     )
     return federation
 

@@ -55,20 +55,21 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def _num(v) -> float | None:
+def finite_or_none(v) -> float | None:
+    """A finite number as float, else None: a diverged run's NaN is reported as missing."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def _series(rows: list[dict], key: str, min_round: int = 0) -> tuple[list[int], list[float]]:
     """Rounds and values of ``key``, skipping rounds where it is null or absent."""
-    pts = [(r["round"], _num(r.get(key))) for r in rows if r["round"] >= min_round]
+    pts = [(r["round"], finite_or_none(r.get(key))) for r in rows if r["round"] >= min_round]
     pts = [(x, y) for x, y in pts if y is not None]
     return [x for x, _ in pts], [y for _, y in pts]
 
 
 def _registered(rows: list[dict]) -> int | None:
     """Clients in the federation, as the engine recorded at round 0 (older runs: None)."""
-    return next((int(r["clients_registered"]) for r in rows if _num(r.get("clients_registered")) is not None), None)
+    return next((int(r["clients_registered"]) for r in rows if finite_or_none(r.get("clients_registered")) is not None), None)
 
 
 def _rank_key(client: dict) -> str:
@@ -98,7 +99,7 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
         raise ValueError(f"{run_dir / 'metrics.jsonl'}: no rounds recorded yet")
     trained = [r for r in rows if r["round"] > 0]
     clients = [c for r in trained for c in r.get("clients") or []]
-    sampled = [c for r in trained if (c := _num(r.get("clients_sampled"))) is not None]
+    sampled = [c for r in trained if (c := finite_or_none(r.get("clients_sampled"))) is not None]
     s = {
         "run": name or run_dir.name,
         "method": _get(cfg, "federation.method") or rows[-1].get("method"),
@@ -117,10 +118,9 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
         s[f"rouge_l_{split}_round0"], s[f"rouge_l_{split}_final"] = base, final
         s[f"rouge_l_{split}_gain"] = final - base if base is not None and final is not None else None
         s[f"rouge_l_{split}_final_round"] = xs[-1] if xs else None
-    key = "rouge_l_unseen" if _series(rows, "rouge_l_unseen")[0] else "rouge_l_seen"
-    xs, ys = _series(rows, key)
-    s["best_by"] = key
-    s["best_round"], s["best_rouge_l"] = max(zip(xs, ys), key=lambda p: p[1]) if xs else (None, None)
+    s.update(_unseen_at(rows, "final", _series(rows, "rouge_l_unseen")[0][-1:]))
+    s.update(best_round(rows))
+    s.update(_unseen_at(rows, "at_best", [s["best_round"]] if s["best_round"] is not None else []))
     for k in ("bytes_up", "bytes_down", "tokens_trained", "time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s"):
         s[k] = sum(_series(rows, k)[1])
     s["bytes_total"] = s["bytes_up"] + s["bytes_down"]
@@ -128,8 +128,25 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
     if cats:
         first = cats[0]["rouge_l_unseen_by_category"] if cats[0]["round"] == 0 else {}
         last = cats[-1]["rouge_l_unseen_by_category"]
-        s["rouge_l_unseen_by_category"] = {c: {"round0": _num(first.get(c)), "final": _num(v)} for c, v in sorted(last.items())}
+        s["rouge_l_unseen_by_category"] = {c: {"round0": finite_or_none(first.get(c)), "final": finite_or_none(v)} for c, v in sorted(last.items())}
     return s
+
+
+def best_round(rows: list[dict]) -> dict:
+    """The round with the best validation Rouge-L (the earliest of ties), never chosen on a test
+    split: choosing on unseen scores would report the test set's luckiest round. Runs without a
+    validation split (older runs, ``eval.validation_examples: 0``) have no best round."""
+    xs, ys = _series(rows, "rouge_l_validation")
+    if not xs:
+        return {"best_by": None, "best_round": None, "best_rouge_l_validation": None}
+    best = max(range(len(xs)), key=lambda i: (ys[i], -xs[i]))
+    return {"best_by": "rouge_l_validation", "best_round": xs[best], "best_rouge_l_validation": ys[best]}
+
+
+def _unseen_at(rows: list[dict], label: str, rounds: list[int]) -> dict:
+    """Unseen Rouge-L, equal-weight over tasks and weighted by task size, at one round (or None)."""
+    row = next((r for r in rows if rounds and r["round"] == rounds[0]), {})
+    return {f"rouge_l_unseen{kind}_{label}": finite_or_none(row.get(f"rouge_l_unseen{kind}")) for kind in ("", "_weighted")}
 
 
 # ---------------------------------------------------------------- formatting
@@ -247,8 +264,8 @@ def plot_clients(runs: dict[str, list[dict]], path: Path, rank_colors: dict[str,
         clients = [(r["round"], c) for r in rows if r["round"] > 0 for c in r.get("clients") or []]
         for key, color in rank_colors.items():
             pts = [(x, c) for x, c in clients if _rank_key(c) == key]
-            loss = [(x, _num(c.get("loss"))) for x, c in pts]
-            speed = [(_num(c.get("tokens")), _num(c.get("seconds"))) for _, c in pts]
+            loss = [(x, finite_or_none(c.get("loss"))) for x, c in pts]
+            speed = [(finite_or_none(c.get("tokens")), finite_or_none(c.get("seconds"))) for _, c in pts]
             for ax, xy in ((lo, loss), (sp, speed)):
                 if xy := [p for p in xy if None not in p]:
                     ax.scatter(*zip(*xy), s=16, color=color, alpha=0.75, lw=0, label=f"rank {key}")
@@ -285,10 +302,19 @@ def _markdown(sums: list[dict], plots: list[str]) -> str:
          s["clients"] or "–", _f(s["clients_per_round"], ".3g"), ", ".join(s["ranks"]) or "–", _f(s["seed"], "")]
         for s in sums]))
     out += ["", "## Rouge-L (round 0 = base model; final = last evaluated round)", ""]
-    head = ["run", "seen r0", "seen final", "seen gain", "unseen r0", "unseen final", "unseen gain", "final round", "best round"]
+    head = ["run", "seen r0", "seen final", "seen gain", "unseen r0", "unseen final", "unseen gain", "final round"]
     out.append(table(head, [
         [s["run"], *(x for k in SPLITS for x in (_f(s[f"rouge_l_{k}_round0"]), _f(s[f"rouge_l_{k}_final"]), gain(s[f"rouge_l_{k}_gain"]))),
-         _f(s["rouge_l_unseen_final_round"], ""), f"{_f(s['best_round'], '')} ({_f(s['best_rouge_l'])} {s['best_by'][8:]})"]
+         _f(s["rouge_l_unseen_final_round"], "")]
+        for s in sums]))
+    out += ["", "## Unseen Rouge-L at the round chosen on validation and at the last round", "",
+            "Rounds are chosen on the validation split (held-out instances of seen tasks), never on unseen "
+            "scores. *mean*: equal weight per unseen task; *weighted*: weighted by the tasks' numbers of "
+            "examples (FlexLoRA's aggregate).", ""]
+    out.append(table(["run", "best round", "validation", "unseen mean", "unseen weighted", "last round", "unseen mean", "unseen weighted"], [
+        [s["run"], _f(s["best_round"], ""), _f(s["best_rouge_l_validation"]), _f(s["rouge_l_unseen_at_best"]),
+         _f(s["rouge_l_unseen_weighted_at_best"]), _f(s["rouge_l_unseen_final_round"], ""), _f(s["rouge_l_unseen_final"]),
+         _f(s["rouge_l_unseen_weighted_final"])]
         for s in sums]))
     out += ["", "## Cost", ""]
     out.append(table(["run", "bytes up", "bytes down", "total", "tokens trained", "train", "aggregate", "eval", "wall"], [
@@ -340,15 +366,17 @@ def headline_table(sums: list[dict]):
     from rich import box
     from rich.table import Table
 
-    t = Table(title="flexfed report", caption="Rouge-L: last evaluated round (gain over round 0)",
-              box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    t = Table(title="flexfed report", caption="Rouge-L at the last evaluated round (unseen: gain over round 0); "
+              "best: the round chosen on validation and the unseen Rouge-L there", box=box.SIMPLE_HEAD, header_style="bold",
+              pad_edge=False)
     names = [s["run"] if s["method"] in (None, s["run"]) else f"{s['run']} ({s['method']})" for s in sums]
     t.add_column("run", min_width=min(20, max(len(w) for n in names for w in n.split())))
-    for col in ("rounds", "Rouge-L seen", "Rouge-L unseen", "best", "comm", "wall"):
+    for col in ("rounds", "seen", "unseen", "best", "comm", "wall"):
         t.add_column(col, justify="right", no_wrap=True)
     for s, name in zip(sums, names):
-        rl = [f"{_f(s[f'rouge_l_{k}_final'])} ({_f(s[f'rouge_l_{k}_gain'], '+.3f')})" for k in SPLITS]
-        t.add_row(name, str(s["rounds"]), *rl, _f(s["best_round"], ""),
+        unseen = f"{_f(s['rouge_l_unseen_final'])} ({_f(s['rouge_l_unseen_gain'], '+.3f')})"
+        best = "–" if s["best_round"] is None else f"{s['best_round']}: {_f(s['rouge_l_unseen_at_best'])}"
+        t.add_row(name, str(s["rounds"]), _f(s["rouge_l_seen_final"]), unseen, best,
                   human_bytes(s["bytes_total"]), human_seconds(s["time_round_s"]))
     return t
 

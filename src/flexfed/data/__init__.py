@@ -1,12 +1,13 @@
 """Tasks, client partitions and prompts for federated instruction tuning.
 
 Load tasks (`load_tasks`), split off unseen categories (`split_tasks`) and held-out examples
-(`holdout_examples`), describe clients cheaply (`partition` → `ClientShard`), look a sampled
+(`holdout_examples`, by source instance: `source_instances`), describe clients cheaply (`partition` → `ClientShard`), look a sampled
 client's examples up (`materialize`) and encode them with the model's chat template
 (`encode_for_training`, `encode_prompt`).
 """
 
 from flexfed.data.builtin import FAMILIES, builtin_suite
+from flexfed.data.instances import Instances, instances_of, source_instances, template_words, without_instances, word_overlap_leaks, words
 from flexfed.data.jsonl import dataset_categories, load_instruction_jsonl, load_prompt_completion_dir
 from flexfed.data.natural_instructions import load_natural_instructions
 from flexfed.data.partition import PARTITIONERS, by_task, dirichlet, holdout_examples, iid, partition, split_tasks
@@ -25,6 +26,7 @@ from flexfed.data.types import ClientShard, Example, Task, TaskTable, materializ
 __all__ = [
     "FAMILIES",
     "IGNORE_INDEX",
+    "Instances",
     "PARTITIONERS",
     "SOURCES",
     "ClientShard",
@@ -41,6 +43,7 @@ __all__ = [
     "end_of_turn_id",
     "holdout_examples",
     "iid",
+    "instances_of",
     "load_instruction_jsonl",
     "load_natural_instructions",
     "load_prompt_completion_dir",
@@ -48,7 +51,12 @@ __all__ = [
     "materialize",
     "messages",
     "partition",
+    "source_instances",
     "split_tasks",
     "task_table",
+    "template_words",
     "user_content",
+    "without_instances",
+    "word_overlap_leaks",
+    "words",
 ]

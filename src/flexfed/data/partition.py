@@ -2,8 +2,8 @@
 
 The FlexLoRA protocol: hold out whole categories (their tasks are never trained on), give each
 remaining task to one client, and report Rouge-L on the unseen tasks. `holdout_examples`
-additionally carves evaluation examples out of the seen tasks, so seen-task scores use
-examples no client trained on. FedIT/OpenFedLLM-style setups instead spread a dataset over
+additionally carves evaluation examples out of the seen tasks, whole source instances at a
+time, so seen-task scores use items no client trained on under any template. FedIT/OpenFedLLM-style setups instead spread a dataset over
 clients with a Dirichlet(α) skew over categories (`dirichlet`) or uniformly (`iid`).
 
 Partitioners return `ClientShard`s: task names and example indices, never copies, so ten
@@ -13,12 +13,14 @@ thousand clients cost a few megabytes.
 from __future__ import annotations
 
 import heapq
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
 import numpy as np
 
+from flexfed.data.instances import Instances, check_covered
 from flexfed.data.sampling import np_rng, rng
 from flexfed.data.types import ClientShard, Task, task_table
 
@@ -61,22 +63,74 @@ def split_tasks(
     return seen, unseen_tasks
 
 
-def holdout_examples(tasks: Sequence[Task], per_task: int, seed: int) -> tuple[list[Task], list[Task]]:
+def holdout_examples(
+    tasks: Sequence[Task],
+    per_task: int,
+    seed: int,
+    instances: Instances | None = None,
+    limit: int | None = None,
+    purpose: str = "holdout_examples",
+) -> tuple[list[Task], list[Task]]:
     """Carve up to ``per_task`` evaluation examples out of every task: (train_tasks, eval_tasks).
 
-    A task never gives more than half its examples to evaluation, so every task keeps
-    training data; a task too small to spare any is absent from ``eval_tasks``. Both sides
-    keep the task's name, category and definition, and the examples' original order.
+    Whole source *instances* are held out: an evaluation example's instance leaves every
+    task's training data, so no client trains on the same passage under a sibling template
+    (``instances`` from `source_instances`; without it every example is its own instance).
+    Each task picks, in seeded random order, the examples whose instance costs the least
+    training data: one already held out costs nothing (the same instance is then evaluated
+    under several templates), otherwise the instance's size. No pick may leave a task with
+    less than half its examples for training; a task that cannot spare any is absent from
+    ``eval_tasks``. ``limit`` caps the evaluation examples in all: tasks are then visited in
+    seeded random order until it is reached. Both sides keep the task's name, category and
+    definition, and the examples' original order; ``purpose`` keys the random draws, so two
+    hold-outs from one seed (test, validation) draw independently.
     """
     if per_task < 1:
         raise ValueError(f"per_task must be >= 1, got {per_task}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if instances is None:
+        instances = {e: i for i, e in enumerate(e for t in tasks for e in t.examples)}
+    check_covered(tasks, instances)
+    # How many examples of each task every instance holds.
+    spread: dict[int, Counter] = defaultdict(Counter)
+    for position, task in enumerate(tasks):
+        for example in task.examples:
+            spread[instances[example]][position] += 1
+    left = [len(t) for t in tasks]  # training examples each task still has
+    floor = [len(t) - len(t) // 2 for t in tasks]
+    held: set[int] = set()
+    picks: dict[int, set[int]] = defaultdict(set)
+    order = list(range(len(tasks)))
+    if limit is not None:
+        rng(seed, purpose, "task order").shuffle(order)
+    budget = limit if limit is not None else float("inf")
+    for position in order:
+        task = tasks[position]
+        candidates = list(range(len(task)))
+        rng(seed, purpose, task.name).shuffle(candidates)
+
+        def cost(i: int) -> int:
+            instance = instances[task.examples[i]]
+            return 0 if instance in held else sum(spread[instance].values())
+
+        for i in sorted(candidates, key=cost):  # sorted() is stable: random among equal costs
+            if len(picks[position]) == per_task or budget == 0:
+                break
+            instance = instances[task.examples[i]]
+            if instance not in held:
+                if any(left[p] - n < floor[p] for p, n in spread[instance].items()):
+                    continue
+                held.add(instance)
+                for p, n in spread[instance].items():
+                    left[p] -= n
+            picks[position].add(i)
+            budget -= 1
     train, evaluation = [], []
-    for task in tasks:
-        count = min(per_task, len(task) // 2)
-        held = set(rng(seed, "holdout_examples", task.name).sample(range(len(task)), count))
-        train.append(replace(task, examples=tuple(e for i, e in enumerate(task.examples) if i not in held)))
-        if held:
-            evaluation.append(replace(task, examples=tuple(e for i, e in enumerate(task.examples) if i in held)))
+    for position, task in enumerate(tasks):
+        train.append(replace(task, examples=tuple(e for e in task.examples if instances[e] not in held)))
+        if picks[position]:
+            evaluation.append(replace(task, examples=tuple(e for i, e in enumerate(task.examples) if i in picks[position])))
     return train, evaluation
 
 

@@ -78,11 +78,12 @@ class Simulation:
         e = self.config.eval
         out = {}
         predictions = []
-        for split, items in (("seen", self.federation.eval_seen), ("unseen", self.federation.eval_unseen)):
+        f = self.federation
+        for split, items in (("seen", f.eval_seen), ("unseen", f.eval_unseen), ("validation", f.eval_validation)):
             res = evaluate(self.trainer.peft_model, self.tokenizer, items, e.max_new_tokens, e.batch_size)
-            out[f"rouge_l_{split}"] = res["rouge_l"]
+            for key in ("rouge_l", "rouge_l_weighted", "rouge_l_by_task", "rouge_l_by_category"):
+                out[key.replace("rouge_l", f"rouge_l_{split}")] = res[key]
             out[f"eval_loss_{split}"] = res["loss"]
-            out[f"rouge_l_{split}_by_category"] = res["rouge_l_by_category"]
             predictions += [{"split": split, **p} for p in res["predictions"]]
         pred_dir = self.run_dir / "predictions"
         pred_dir.mkdir(parents=True, exist_ok=True)
@@ -236,7 +237,8 @@ class Simulation:
         last = state.round == self.config.federation.rounds
         if state.round == 0 or last or state.round % self.config.eval.every == 0:
             return self.evaluate(state)
-        return {"rouge_l_seen": None, "rouge_l_unseen": None, "eval_loss_seen": None, "eval_loss_unseen": None, "time_eval_s": 0.0}
+        skipped = {f"{metric}_{split}": None for metric in ("rouge_l", "eval_loss") for split in ("seen", "unseen", "validation")}
+        return {**skipped, "time_eval_s": 0.0}
 
     # ------------------------------------------------------------------ the run
 
@@ -303,6 +305,8 @@ def _log_eval(m: dict) -> None:
         parts.append(f"train loss {m['train_loss']:.3f}")
     if m.get("rouge_l_unseen") is not None:
         parts.append(f"Rouge-L seen {m['rouge_l_seen']:.3f} unseen {m['rouge_l_unseen']:.3f}")
+        if m.get("rouge_l_validation") is not None:
+            parts.append(f"validation {m['rouge_l_validation']:.3f}")
         parts.append(f"eval loss unseen {m['eval_loss_unseen']:.3f}")
     log.info(", ".join(parts))
 

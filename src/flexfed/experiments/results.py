@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flexfed.experiments.stats import mean, paired_difference, sample_std
 from flexfed.experiments.sweep import RunSpec, Sweep
-from flexfed.report import human_bytes, human_seconds, read_metrics
+from flexfed.report import best_round, finite_or_none, human_bytes, human_seconds, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +35,18 @@ LABELS = {
 }
 
 
-def _num(v) -> float | None:
-    """A finite number, else None (a diverged run's NaN loss is reported as missing, as report.py does)."""
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
 def run_metrics(rows: list[dict]) -> dict[str, float]:
     """The final numbers of one run from its metrics rows (round 0 first, the last round last)."""
     last = rows[-1]
-    out = {k: v for k in FINAL if (v := _num(last.get(k))) is not None}
-    scored = [(v, r) for r in rows if (v := _num(r.get("rouge_l_validation"))) is not None and _num(r.get("rouge_l_unseen")) is not None]
-    if scored:
-        best = max(scored, key=lambda p: (p[0], -p[1]["round"]))[1]  # ties: the earliest round
-        out[BEST] = float(best["rouge_l_unseen"])
+    out = {k: v for k in FINAL if (v := finite_or_none(last.get(k))) is not None}
+    chosen = best_round(rows)["best_round"]  # on validation only, as in every run's report
+    at_best = next((finite_or_none(r.get("rouge_l_unseen")) for r in rows if r["round"] == chosen), None)
+    if at_best is not None:
+        out[BEST] = at_best
     for k in TOTALS:
-        out[k] = sum(_num(r.get(k)) or 0.0 for r in rows)
+        out[k] = sum(finite_or_none(r.get(k)) or 0.0 for r in rows)
     # Round 0 has no round time, only its evaluation.
-    out[WALL] = sum(_num(r.get("time_round_s")) or (_num(r.get("time_eval_s")) or 0.0) for r in rows)
+    out[WALL] = sum(finite_or_none(r.get("time_round_s")) or (finite_or_none(r.get("time_eval_s")) or 0.0) for r in rows)
     return out
 
 
@@ -214,7 +209,7 @@ def plot_curves(specs: list[RunSpec], runs: dict[str, dict[int, list[dict]]], ou
             by_round: dict[int, list[float]] = {}
             for rows in runs[c].values():
                 for r in rows:
-                    if (v := _num(r.get(metric))) is not None:
+                    if (v := finite_or_none(r.get(metric))) is not None:
                         by_round.setdefault(r["round"], []).append(v)
             if by_round:
                 xs = sorted(by_round)
