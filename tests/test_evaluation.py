@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from flexfed.data import encode_for_training, encode_prompt
 from flexfed import evaluation

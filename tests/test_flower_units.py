@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from flexfed.config import ConfigError, dump, load_config
 from flexfed.engines.flower import clientapp, wire

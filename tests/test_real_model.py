@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from peft import PeftModel
 
 from flexfed.config import load_config

@@ -33,7 +33,7 @@ dW = B_s @ A_s, R = sum_i r_i. Three ways give the top ``rank`` triplets (U, S, 
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import Tensor

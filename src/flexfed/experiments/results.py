@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from pathlib import Path
 
 from flexfed.experiments.stats import mean, paired_difference, sample_std
