@@ -300,6 +300,19 @@ def _methods():
     return sorted(Aggregator.registry)
 
 
+def _on_both_engines(tiny_config, settings: list[str]) -> tuple[dict, dict]:
+    """The same run in the simulator and through the ServerApp (a scripted grid, ClientApp
+    functions answering): engine -> final checkpoint, engine -> metrics lines after round 0."""
+    states, metrics = {}, {}
+    for engine in ("simulator", "flower"):
+        config = tiny_config(f"name={engine}", *settings)
+        sim = Simulation(config) if engine == "simulator" else FlowerEngine(config, grid=ScriptedGrid({}))
+        sim.run(show_progress=False)
+        states[engine] = load_checkpoint(config.run_dir)
+        metrics[engine] = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    return states, metrics
+
+
 @pytest.mark.parametrize("method", _methods())
 def test_every_method_gives_the_same_result_through_flower_messages(method, tiny_config, task_identity, monkeypatch):
     """The ServerApp (on a scripted grid, ClientApp functions answering) against the in-process
@@ -312,13 +325,7 @@ def test_every_method_gives_the_same_result_through_flower_messages(method, tiny
     settings = [f"federation.method={method}", f"federation.rounds={rounds}", "federation.sample_fraction=0.06", "eval.seen_examples=2", "eval.unseen_examples=2"]
     if Aggregator.registry[method].mixed_ranks:  # two rank types: R2 and R4
         settings += ["resources.distribution=custom", "resources.types={R2: {attention: 2, mlp: 2}, R4: {attention: 4, mlp: 4}}", "resources.mix={R2: 1, R4: 1}"]
-    states, metrics = {}, {}
-    for engine in ("simulator", "flower"):
-        config = tiny_config(f"name={engine}", *settings)
-        sim = Simulation(config) if engine == "simulator" else FlowerEngine(config, grid=ScriptedGrid({}))
-        sim.run(show_progress=False)
-        states[engine] = load_checkpoint(config.run_dir)
-        metrics[engine] = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    states, metrics = _on_both_engines(tiny_config, settings)
     for part in ("global_adapter", "base_update"):
         a, b = getattr(states["simulator"], part), getattr(states["flower"], part)
         assert set(a) == set(b)
@@ -349,13 +356,7 @@ def test_hetlora_self_pruning_through_flower_messages_equals_the_simulator(tiny_
         "eval.seen_examples=2",
         "eval.unseen_examples=2",
     ]
-    states, metrics = {}, {}
-    for engine in ("simulator", "flower"):
-        config = tiny_config(f"name={engine}", *settings)
-        sim = Simulation(config) if engine == "simulator" else FlowerEngine(config, grid=ScriptedGrid({}))
-        sim.run(show_progress=False)
-        states[engine] = load_checkpoint(config.run_dir)
-        metrics[engine] = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    states, metrics = _on_both_engines(tiny_config, settings)
     a, b = states["simulator"], states["flower"]
     assert a.client_ranks == b.client_ranks and a.client_ranks  # some clients pruned, the same ones
     assert all(torch.equal(a.global_adapter[n].a, b.global_adapter[n].a) and torch.equal(a.global_adapter[n].b, b.global_adapter[n].b) for n in a.global_adapter)
