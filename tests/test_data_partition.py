@@ -353,3 +353,14 @@ def test_records_validate():
         Example("in", "out")
     with pytest.raises(ValueError, match="category is empty"):
         Task("t", "", "", ())
+
+
+def test_inputs_too_short_for_a_shingle_are_each_their_own_instance():
+    """Inputs of fewer than three words have no content to compare: each stays alone (this used
+    to crash on the empty shingle arrays)."""
+    from flexfed.data import source_instances
+    from flexfed.data.types import Example, Task
+
+    tasks = [Task(name=f"t{k}", category="c", definition="", examples=tuple(Example(f"t{k} {i}?", ("x",)) for i in range(4))) for k in range(2)]
+    instances = source_instances(tasks)
+    assert sorted(instances.values()) == list(range(8))

@@ -175,7 +175,8 @@ def test_every_run_finished(finished_sweep):
 def test_table_means_stds_and_differences_recomputed_from_the_runs(finished_sweep):
     table = json.loads((finished_sweep / "results.json").read_text())
     assert [c["cell"] for c in table["cells"]] == CELLS
-    assert table["metrics"] == ["rouge_l_unseen", "rouge_l_seen", "eval_loss_unseen", "eval_loss_seen", "bytes_up", "bytes_down", "wall_s"]
+    assert table["metrics"] == ["rouge_l_unseen", "rouge_l_seen", "rouge_l_validation", "rouge_l_unseen_weighted", "eval_loss_unseen",
+                                "eval_loss_seen", "eval_loss_validation", "rouge_l_unseen_at_best_validation", "bytes_up", "bytes_down", "wall_s"]
     runs = finished_sweep / "runs"
 
     def final(cell, seed, key):
@@ -190,6 +191,14 @@ def test_table_means_stds_and_differences_recomputed_from_the_runs(finished_swee
             got = cell["metrics"][key]
             assert got["mean"] == pytest.approx(statistics.fmean(values), rel=1e-12)
             assert got["std"] == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-15)
+    # The unseen score at the round best on validation (the earliest of ties), never chosen on unseen.
+    for cell in table["cells"]:
+        values = []
+        for seed in (0, 1):
+            rows = [r for r in _rows(runs / f"{cell['cell']}_seed{seed}") if r.get("rouge_l_validation") is not None]
+            best = max(rows, key=lambda r: (r["rouge_l_validation"], -r["round"]))
+            values.append(best["rouge_l_unseen"])
+        assert cell["metrics"]["rouge_l_unseen_at_best_validation"]["mean"] == pytest.approx(statistics.fmean(values), rel=1e-12)
     # Bytes up: rank r sends r * (in + out) floats per adapted matrix; FlexLoRA and FedIT send the same.
     bytes_up = {c["cell"]: c["metrics"]["bytes_up"]["mean"] for c in table["cells"]}
     assert bytes_up["method-fedit_rank-4"] == 2 * bytes_up["method-fedit_rank-2"] == bytes_up["method-flexlora_rank-4"]
@@ -208,7 +217,7 @@ def test_table_means_stds_and_differences_recomputed_from_the_runs(finished_swee
     assert float(rows["method-flexlora_rank-2"]["eval_loss_unseen_diff_ci_low"]) == d["low"]
     assert rows["method-fedit_rank-4"]["lora.rank"] == "4"
     assert sorted(p.name for p in finished_sweep.glob("curves-*.png")) == sorted(
-        f"curves-{m}.png" for m in ("rouge_l_unseen", "rouge_l_seen", "eval_loss_unseen", "eval_loss_seen", "train_loss"))
+        f"curves-{m}.png" for m in ("rouge_l_unseen", "rouge_l_seen", "rouge_l_validation", "eval_loss_unseen", "eval_loss_seen", "train_loss"))
 
 
 def test_rerun_skips_finished_runs_and_resumes_to_the_same_table(finished_sweep, caplog):

@@ -201,7 +201,7 @@ def _distinct(example_ids: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, 
     pairs; 40 bits leave a few colliding shingles among millions, which cannot join instances.
     """
     packed = np.sort((example_ids.astype(np.uint64) << np.uint64(HASH_BITS)) | (hashes >> np.uint64(64 - HASH_BITS)))
-    packed = packed[np.r_[True, packed[1:] != packed[:-1]]]
+    packed = packed[np.r_[True, packed[1:] != packed[:-1]]] if packed.size else packed
     return (packed >> np.uint64(HASH_BITS)).astype(np.int64), packed & np.uint64((1 << HASH_BITS) - 1)
 
 
