@@ -213,9 +213,15 @@ def plot_rouge_l(runs: dict[str, list[dict]], path: Path, colors: list) -> None:
             if xs and xs[0] == 0:
                 ax.axhline(ys[0], color=c, ls=":", lw=1, alpha=0.8)
                 ax.plot(0, ys[0], "s", color=c, ms=7, mfc="white", mew=1.5)
+            if split == "seen":  # validation: other held-out instances of the seen tasks
+                ax.plot(*_series(rows, "rouge_l_validation"), "--^", color=c, ms=4, alpha=0.8)
+            best = best_round(rows)["best_round"]
+            if best is not None:
+                ax.axvline(best, color=c, ls="-.", lw=1, alpha=0.6)
         ax.set(title=f"{split} tasks", xlabel="round")
     axes[0, 0].set_ylabel("Rouge-L F1 (0–1)")
-    styles = {"evaluated round": dict(marker="o"), "round 0 (base model)": dict(ls=":", marker="s", mfc="white")}
+    styles = {"evaluated round": dict(marker="o"), "round 0 (base model)": dict(ls=":", marker="s", mfc="white"),
+              "validation (seen tasks)": dict(ls="--", marker="^"), "round chosen on validation": dict(ls="-.", lw=1)}
     _legend(axes[0, 0], list(runs), colors, styles)
     _save(fig, path, "Rouge-L per round", list(runs))
 
