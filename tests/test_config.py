@@ -68,3 +68,16 @@ def test_rank_larger_than_layer_is_rejected():
     shapes = {"model.layers.0.self_attn.k_proj": (32, 64), "model.layers.0.self_attn.q_proj": (64, 64)}
     with pytest.raises(ValueError, match="lora.rank=100 is larger than layer model.layers.0.self_attn.k_proj"):
         client_profiles(config.resources, config.lora, shapes, 3, 0)
+
+
+@pytest.mark.parametrize("method, options, named", [
+    ("hetlora", "{gamma: 2}", "gamma must be a number in (0, 1)"),
+    ("hetlora", "{norm_weighted: true}", "unknown options ['norm_weighted']"),
+    ("flexlora", "{split: balanced}", "unknown FlexLoRA split 'balanced'"),
+    ("lora-fair", "{ridge: 0.1}", "unexpected keyword argument 'ridge'"),
+    ("fedit", "{rank: 4}", "takes no arguments"),
+])
+def test_method_options_are_checked_when_the_config_loads(method, options, named):
+    with pytest.raises(ConfigError, match="federation.method_options") as err:
+        load_config("tiny", [f"federation.method={method}", f"federation.method_options={options}"])
+    assert named in str(err.value)

@@ -185,8 +185,13 @@ class RunConfig(_Section):
     def _check_method(self):
         from flexfed.aggregation import Aggregator
 
-        if self.federation.method not in Aggregator.registry:
-            raise ValueError(f"federation.method {self.federation.method!r} is not one of {sorted(Aggregator.registry)}")
+        method, options = self.federation.method, self.federation.method_options
+        if method not in Aggregator.registry:
+            raise ValueError(f"federation.method {method!r} is not one of {sorted(Aggregator.registry)}")
+        try:  # the method's constructor checks its options: a typo fails here, before any work
+            Aggregator.registry[method](**options)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"federation.method_options {options} for {method!r}: {err}") from None
         return self
 
 
