@@ -163,6 +163,10 @@ class FlowerConfig(_Section):
     client_gpus: float = Field(0.0, ge=0)
 
 
+class TrackingConfig(_Section):
+    tensorboard: bool = False  # also write every round's metrics to RUN_DIR/tensorboard (pip install flexfed[tracking])
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -176,6 +180,7 @@ class RunConfig(_Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -63,6 +63,7 @@ class Simulation:
         self.server = Server(config, shapes, profiles, assignment, [c.client_id for c in self.federation.clients], base_norms)
         self.trainer = LocalTrainer(model, config.lora, config.training, self.tokenizer.pad_token_id, self.device)
         self.time_clients = 0.0  # wall seconds of the last round's ``execute``
+        self.tracker = None  # made when the run directory is ready (``start``)
 
     # ------------------------------------------------------------------ pieces of a round
 
@@ -247,7 +248,15 @@ class Simulation:
         self.server.save_global(self.run_dir / "adapters" / f"round-{state.round:04d}", self.server.global_update(state))
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(state.metrics[-1]) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(state.metrics[-1])
         save_checkpoint(self.run_dir, state)
+
+    def open_tracker(self, purge_from: int | None = None) -> None:
+        if self.config.tracking.tensorboard:
+            from flexfed.tracking import TensorBoardTracker
+
+            self.tracker = TensorBoardTracker(self.run_dir, purge_from)
 
     def start(self, resume: bool, overwrite: bool) -> ServerState:
         state = load_checkpoint(self.run_dir) if resume else None
@@ -259,6 +268,7 @@ class Simulation:
             # Lines written after the checkpoint belong to a round that will be redone.
             with open(self.run_dir / "metrics.jsonl", "w") as fh:
                 fh.writelines(json.dumps(m) + "\n" for m in state.metrics)
+            self.open_tracker(purge_from=state.round + 1)  # and so do TensorBoard's points past it
             return state
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not overwrite:
@@ -266,6 +276,7 @@ class Simulation:
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(config_lib.dump(self.config))
+        self.open_tracker()
         state = self.server.initial_state()
         self.server.use_ranks(state)  # every client at its profile's ranks
         log.info("round 0: evaluating the untouched model")
@@ -291,6 +302,8 @@ class Simulation:
                 _log_eval(state.metrics[-1])
                 if progress:
                     progress.advance(task)
+        if self.tracker is not None:
+            self.tracker.close()
         return self.run_dir
 
 
