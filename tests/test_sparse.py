@@ -79,7 +79,7 @@ def test_slora_stage_then_flexlora_runs_resumes_bit_exact_and_accounts_bytes(tin
     Simulation(config).run(resume=True, show_progress=False)
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [m.get("stage") for m in metrics] == [None, "sparse", "sparse", "lora"]
-    values = sum(len(i) for i in sim.server.sparse_indices.values()) * 4
+    values = sum(len(i) for i in sim.protocol.sparse.indices.values()) * 4
     for m in metrics[1:3]:
         assert all(c["bytes_up"] == c["bytes_down"] == values for c in m["clients"])
     end = load_checkpoint(run_dir)

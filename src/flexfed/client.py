@@ -4,7 +4,7 @@ One ``LocalTrainer`` wraps the base model with PEFT once and keeps one adapter s
 layout, so a new client costs a copy of its starting factors, not a new model.
 
 A method may add a ``LocalRule`` (``Aggregator.local_rule``, e.g. HetLoRA's rank self-pruning):
-its penalty joins the loss at every step of ``_fit`` and its ``finish`` decides what is sent.
+its penalty joins the loss at every step of ``fit`` and its ``finish`` decides what is sent.
 
 Beyond plain LoRA, the trainer serves two methods: Fed-SB trains only an r x r core R (the
 slot's ``lora_A`` weight is parametrized as R @ A with the frame A a buffer, so reading the
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from flexfed.aggregation.base import LocalRule
 from flexfed.config import LoraConfig, TrainingConfig
+from flexfed.cost import Architecture, StepCost
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
 from flexfed.lora import Adapter, Factors, get_adapter, lora_modules, lora_scale, peft_config, set_adapter
@@ -49,6 +50,7 @@ class ClientResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     sparse: dict[str, torch.Tensor] = field(default_factory=dict)  # SLoRA's sparse stage: values trained
+    cost: dict = field(default_factory=dict)  # flops, flops_analytic, peak_memory_bytes, peak_memory_source (``cost``)
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -138,6 +140,10 @@ class LocalTrainer:
         self.peft_model = None
         self._slots: dict[tuple, str] = {}
         self._base_weights: dict[str, torch.Tensor] | None = None  # W0 of merged modules (FLoRA)
+        try:  # read before PEFT wraps the model
+            self.arch = Architecture.of(self.base_model, training, self.autocast is not None)
+        except (AttributeError, ValueError):  # not a decoder-only LM the formulas know: no cost figures
+            self.arch = None
 
     def _slot(self, ranks: Mapping[str, int]) -> str:
         """The adapter slot for this rank layout, created on first use."""
@@ -214,7 +220,7 @@ class LocalTrainer:
         if rule is not None:
             live = {n: (layer.lora_B[name].weight, layer.lora_A[name].weight) for n, layer in lora_modules(self.peft_model).items()}
             penalty = lambda: rule.penalty(live)  # noqa: E731
-        losses, tokens = self._fit(client_id, self.peft_model, params, examples, seed, penalty)
+        losses, tokens, cost = self.fit(client_id, self.peft_model, params, examples, seed, penalty, {n: f.rank for n, f in start.items()})
         return ClientResult(
             client_id=client_id,
             adapter=self.finish(start, get_adapter(self.peft_model, adapter_name=name), rule),
@@ -223,25 +229,8 @@ class LocalTrainer:
             tokens=tokens,
             seconds=time.perf_counter() - began,
             losses=losses,
+            cost=cost,
         )
-
-    def train_sparse(self, client_id: str, indices: Mapping[str, torch.Tensor], examples: Sequence[EncodedExample], seed: int) -> ClientResult:
-        """SLoRA's first stage: train a change to the ``indices`` entries of each adapted base
-        weight, on top of the current base, with LoRA switched off; ``sparse`` holds the change."""
-        from flexfed import sparse
-
-        began = time.perf_counter()
-        model = self.peft_model if self.peft_model is not None else self.base_model
-        model.requires_grad_(False)  # only the sparse values train (``activate`` sets LoRA's flags again)
-        linears = {n: self.base_linear(n) for n in indices}
-        params = sparse.attach(linears, indices, sparse.zero_update(indices))
-        try:
-            with self.peft_model.disable_adapter() if self.peft_model is not None else nullcontext():
-                losses, tokens = self._fit(client_id, model, list(params.values()), examples, seed)
-            values = {n: p.detach().cpu().clone() for n, p in params.items()}
-        finally:
-            sparse.detach(linears)
-        return ClientResult(client_id, {}, len(examples), sum(losses) / len(losses), tokens, time.perf_counter() - began, losses, values)
 
     def scale(self, rank: int) -> float:
         return lora_scale(rank, self.lora.alpha, self.lora.rslora)
@@ -250,7 +239,14 @@ class LocalTrainer:
         """What the client sends: the trained adapter, or what the method's rule makes of it."""
         return trained if rule is None else rule.finish(start, trained, self.scale)
 
-    def _fit(
+    def cost(self, ranks: Mapping[str, int]) -> StepCost | None:
+        """A new client's cost counter for LoRA ``ranks`` (None when the model's shape is unknown)."""
+        if self.arch is None:
+            return None
+        shapes = {n: tuple(self.base_linear(n).weight.shape) for n in ranks}
+        return StepCost(self.arch, self.device, sum(r * sum(shapes[n]) for n, r in ranks.items()), shapes, ranks)
+
+    def fit(
         self,
         client_id: str,
         model,
@@ -258,8 +254,10 @@ class LocalTrainer:
         examples: Sequence[EncodedExample],
         seed: int,
         penalty: Callable[[], torch.Tensor] | None = None,
-    ) -> tuple[list[float], int]:
-        """The local optimisation loop: per-step data losses and real tokens processed.
+        ranks: Mapping[str, int] | None = None,
+    ) -> tuple[list[float], int, dict]:
+        """The local optimisation loop: per-step data losses, real tokens processed, and the
+        client's cost (``flexfed.cost``; ``ranks``: the LoRA ranks trained, none for SLoRA's stage).
 
         ``penalty`` (the method's regulariser over the live factors) is added to what is minimised;
         the recorded losses stay the data loss, comparable across methods."""
@@ -269,24 +267,33 @@ class LocalTrainer:
         torch.manual_seed(seed)
         lengths = [len(e.input_ids) for e in examples]
         losses, tokens = [], 0
+        cost = self.cost(ranks or {})
+        if cost:
+            cost.reset_peak()
         model.train()
         for indices in batch_schedule(lengths, self.training.batch_size, self._num_steps(len(examples)), seed):
             batch = collate([examples[i] for i in indices], self.pad_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-                loss = response_loss(model, batch)
-            objective = loss if penalty is None else loss + penalty()
-            if not torch.isfinite(objective):
-                raise FloatingPointError(f"client {client_id}: non-finite training loss at step {len(losses)}")
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
+            counter = cost.flop_counter() if cost else None
+            with counter or nullcontext():
+                with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+                    loss = response_loss(model, batch)
+                objective = loss if penalty is None else loss + penalty()
+                if not torch.isfinite(objective):
+                    raise FloatingPointError(f"client {client_id}: non-finite training loss at step {len(losses)}")
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+            if cost:
+                cost.add(batch, counter.get_total_flops() if counter else None)
             if self.training.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
             tokens += int(batch["attention_mask"].sum())
         model.eval()
-        return losses, tokens
+        if cost:
+            cost.record_peak()
+        return losses, tokens, cost.result() if cost else {}
 
     def set_base_update(self, update: Mapping[str, Factors] | None) -> None:
         """Base weights W0 + s B A for the modules in ``update`` (FLoRA merges the global update

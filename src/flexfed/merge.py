@@ -68,26 +68,8 @@ def merge_adapters(
         return lora_scale(rank, alpha, rslora)
 
     aggregator = get_aggregator(method, **method_options)
-    updates = [f.adapter for f in files]
-    shapes = {name: f.shape for name, f in updates[0].items()}
-    if aggregator.merges_into_base:
-        if ranks is not None:
-            raise ValueError(
-                f"{method} writes its exact stacked adapter (rank = sum of input ranks); do not pass ranks"
-            )
-        global_adapter = aggregator.aggregate(updates, weights, {}, scale)
-        return [save_adapter(out, global_adapter, files[0].base_model, alpha, rslora)]
-
-    if ranks is None:
-        ranks = [max(f.rank for u in updates for f in u.values())]
-    if not ranks or any(r < 1 for r in ranks):
-        raise ValueError(f"output ranks must be positive integers, got {list(ranks)}")
-    capped = {r: {name: min(r, d, k) for name, (d, k) in shapes.items()} for r in ranks}
-    max_ranks = {name: max(capped[r][name] for r in ranks) for name in shapes}
-    global_adapter = aggregator.aggregate(updates, weights, max_ranks, scale)
     written = []
-    for r in ranks:
-        path = Path(out) if len(ranks) == 1 else Path(out) / f"rank-{r}"
-        adapter = aggregator.distribute(global_adapter, capped[r], scale)
+    for r, adapter in aggregator.written([f.adapter for f in files], weights, ranks, scale).items():
+        path = Path(out) if r is None else Path(out) / f"rank-{r}"
         written.append(save_adapter(path, adapter, files[0].base_model, alpha, rslora))
     return written

@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from flexfed.aggregation.base import LocalRule
 from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, batch_schedule, collate, response_token_losses
@@ -111,6 +112,7 @@ class _Client:
         self.schedule = batch_schedule(lengths, trainer.training.batch_size, steps, job.seed)
         self.losses: list[float] = []
         self.tokens = 0
+        self.cost = trainer.cost({n: f.rank for n, f in job.start.items()})
         self.seconds = 0.0
         self.advance()  # every client has at least one step
 
@@ -136,6 +138,7 @@ class _Client:
             tokens=self.tokens,
             seconds=self.seconds,
             losses=self.losses,
+            cost=self.cost.result() if self.cost else {},
         )
 
 
@@ -224,16 +227,27 @@ class MultiClientTrainer:
 
         A method's ``rule`` adds each client's penalty on its own factors to that client's loss
         (as in ``LocalTrainer._fit``); the recorded losses stay the data losses."""
-        self._stack(active)
-        losses = self._losses(self._joint_batch([c.batch for c in active]), len(active))
-        if rule is not None:
-            penalties = torch.stack([rule.penalty({n: (c.b[n], c.a[n]) for n in c.a}).to(losses.dtype) for c in active])
-            objectives = losses + penalties
-        else:
-            objectives = losses
-        finite = torch.isfinite(objectives)
-        if finite.any():
-            objectives[finite].sum().backward()
+        costs = [c.cost for c in active if c.cost]
+        counter = FlopCounterMode(display=False) if any(c.counted is None for c in costs) else None
+        for c in costs:
+            c.reset_peak()
+        with counter or nullcontext():
+            self._stack(active)
+            losses = self._losses(self._joint_batch([c.batch for c in active]), len(active))
+            if rule is not None:
+                penalties = torch.stack([rule.penalty({n: (c.b[n], c.a[n]) for n in c.a}).to(losses.dtype) for c in active])
+                objectives = losses + penalties
+            else:
+                objectives = losses
+            finite = torch.isfinite(objectives)
+            if finite.any():
+                objectives[finite].sum().backward()
+        # The pass's counted FLOPs, shared by the formula's share of each client's batch.
+        formulas = [c.cost.step_flops(c.batch) if c.cost else 0 for c in active]
+        for c, f in zip(active, formulas):
+            if c.cost:
+                c.cost.record_peak()
+                c.cost.add(c.batch, round(counter.get_total_flops() * f / sum(formulas)) if counter else None)
         errors: list[Exception | None] = []
         for c, loss, ok in zip(active, losses.tolist(), finite.tolist()):
             if not ok:

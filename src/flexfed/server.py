@@ -22,7 +22,6 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexfed import sparse
 from flexfed.aggregation import Aggregator, get_aggregator
 from flexfed.aggregation.base import Payload, truncate
 from flexfed.config import RunConfig
@@ -40,6 +39,12 @@ def derived_seed(*parts) -> int:
     """A 63-bit seed from the run seed and labels, stable across processes and machines."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_clients(config: RunConfig, n: int, round_: int) -> list[int]:
+    """Clients for this round: a seeded draw of ``ceil(fraction * n)``, sorted."""
+    k = max(1, math.ceil(config.federation.sample_fraction * n - 1e-9))
+    return sorted(random.Random(derived_seed(config.seed, "sample", round_)).sample(range(n), k))
 
 
 @dataclass
@@ -98,21 +103,9 @@ class Link:
         return self.aggregator.decode(payload, sorted(ranks), self.common(ranks), self.scale)
 
     def start(self, payload: Mapping[str, torch.Tensor], ranks: Mapping[str, int], client_seed: int) -> Adapter:
-        if self.aggregator.merges_into_base:  # the payload went into the base; LoRA restarts
-            shapes = {n: self.shapes[n] for n in ranks}
-            return init_adapter(shapes, ranks, self.alpha, self.rslora, derived_seed(client_seed, "fresh"))
-        return self.receive(payload, ranks)
-
-
-def check_method(config: RunConfig, aggregator: Aggregator, profiles: Sequence[RankProfile]) -> None:
-    """Settings the method cannot serve, known once the rank profiles are: mixed ranks for a
-    one-rank method, SLoRA's sparse stage for a method that does not train both factors.
-    (A sweep checks every run with this before the first one starts.)"""
-    method = config.federation.method
-    if not aggregator.mixed_ranks and len({tuple(sorted(p.ranks.items())) for p in profiles}) > 1:
-        raise ValueError(f"federation.method {method!r} needs one common rank; resources.distribution={config.resources.distribution!r} mixes ranks")
-    if config.federation.sparse_stage.rounds and (aggregator.merges_into_base or tuple(aggregator.trainable) != ("a", "b")):
-        raise ValueError(f"federation.sparse_stage (SLoRA) starts LoRA from an SVD: it needs a method that trains both factors, not {method!r}")
+        shapes = {n: self.shapes[n] for n in ranks}
+        fresh = lambda: init_adapter(shapes, ranks, self.alpha, self.rslora, derived_seed(client_seed, "fresh"))  # noqa: E731
+        return self.aggregator.start(lambda: self.receive(payload, ranks), fresh)
 
 
 class Server:
@@ -135,10 +128,7 @@ class Server:
         self.client_ids = list(client_ids)
         self.max_ranks = max_ranks(self.profiles)
         self.aggregator = get_aggregator(config.federation.method, **config.federation.method_options)
-        check_method(config, self.aggregator, self.profiles)
         self.link = Link(self.aggregator, self.shapes, config.lora.alpha, config.lora.rslora, config.seed)
-        stage = config.federation.sparse_stage
-        self.sparse_indices = sparse.sparse_indices(self.shapes, stage.density, derived_seed(config.seed, "sparse")) if stage.rounds else {}
         self.local_rule = self.aggregator.local_rule()
         self.client_ranks: dict[str, dict[str, int]] = {}  # the current state's (``use_ranks``)
         self._reported_ranks: dict[str, dict[str, int]] = {}  # lower ranks received this round
@@ -162,10 +152,7 @@ class Server:
         self._reported_ranks = {}
 
     def sample(self, round_: int) -> list[int]:
-        """Clients for this round: a seeded draw of ``ceil(fraction * N)``, sorted."""
-        n = len(self.client_ids)
-        k = max(1, math.ceil(self.config.federation.sample_fraction * n - 1e-9))
-        return sorted(random.Random(derived_seed(self.config.seed, "sample", round_)).sample(range(n), k))
+        return sample_clients(self.config, len(self.client_ids), round_)
 
     def client_seed(self, round_: int, client: int) -> int:
         return derived_seed(self.config.seed, "train", round_, self.client_ids[client])
@@ -174,8 +161,13 @@ class Server:
         """What the client is sent (FLoRA: the last stack, to merge into its base)."""
         return self.aggregator.distribute(state.global_adapter, self.ranks_of(client), self.scale)
 
-    def downlink(self, state: ServerState, client: int) -> Payload:
-        return self.link.send(self.start_adapter(state, client), self.ranks_of(client))
+    def downlink(self, state: ServerState, client: int, shares_base: bool = True) -> Payload:
+        """What the client is sent: its start, or for a client that does not share the server's
+        base weights what the method sends one instead (``Aggregator.sent_alone``)."""
+        start = self.start_adapter(state, client)
+        if not shares_base:
+            start = self.aggregator.sent_alone(start, state.base_update)
+        return self.link.send(start, self.ranks_of(client))
 
     def receive(self, client: int, payload: Mapping[str, torch.Tensor]) -> Adapter:
         """The client's update decoded from its payload and checked; ``UpdateRejected`` otherwise."""
@@ -231,20 +223,20 @@ class Server:
         return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale, previous=state.global_adapter)
 
     def advance(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> ServerState:
-        """The state after ``round_``: aggregate (if enough clients reported), merge into the base if the method does."""
-        merges = self.aggregator.merges_into_base
+        """The state after ``round_``: aggregate (if enough clients reported); the method's hooks say
+        what becomes of the base (``Aggregator.accumulate``) and what a round without one keeps."""
         # Clients that pruned their ranks this round did so on their own: it holds whatever the
         # server makes of their updates.
         self.client_ranks, self._reported_ranks = {**state.client_ranks, **self._reported_ranks}, {}
-        # FLoRA's global is the stack to merge next: unchanged means nothing new to merge.
-        unchanged = ServerState(round=round_, global_adapter={} if merges else state.global_adapter, metrics=state.metrics, base_update=state.base_update, client_ranks=self.client_ranks)
+        kept = self.aggregator.kept(state.global_adapter)
+        unchanged = ServerState(round=round_, global_adapter=kept, metrics=state.metrics, base_update=state.base_update, client_ranks=self.client_ranks)
         if len(updates) < self.config.federation.min_clients:
             log.warning("round %d: %d clients reported, fewer than min_clients=%d; global model unchanged", round_, len(updates), self.config.federation.min_clients)
             return unchanged
         try:
             new_global = self.aggregate(state, updates, weights)
             self.check_bounded(new_global, f"round {round_}'s aggregate")
-            base_update = self.aggregator.accumulate(state.base_update, new_global, self.scale) if merges else state.base_update
+            base_update = self.aggregator.accumulate(state.base_update, new_global, self.scale)
             self.check_bounded(base_update, f"round {round_}'s merged update")
         except (ValueError, RuntimeError, FloatingPointError) as err:  # UpdateRejected, LinAlgError among them
             unchanged.rejected = f"{type(err).__name__}: {err}"
@@ -252,51 +244,17 @@ class Server:
             return unchanged
         return ServerState(round=round_, global_adapter=new_global, metrics=state.metrics, base_update=base_update, client_ranks=unchanged.client_ranks)
 
-    def in_sparse_stage(self, round_: int) -> bool:
-        return round_ <= self.config.federation.sparse_stage.rounds
-
-    def check_sparse(self, client: int, values: Mapping[str, torch.Tensor]) -> None:
-        """``UpdateRejected`` unless ``values`` has one finite value per chosen entry of every module."""
-        who = f"client {self.client_ids[client]}"
-        if set(values) != set(self.sparse_indices):
-            raise UpdateRejected(f"{who}: wrong modules in its sparse update: {sorted(set(values) ^ set(self.sparse_indices))[:3]}")
-        for name, v in values.items():
-            if v.shape != self.sparse_indices[name].shape or not v.is_floating_point() or not torch.isfinite(v).all():
-                raise UpdateRejected(f"{who}: {name} sparse values have shape {tuple(v.shape)}, expected {tuple(self.sparse_indices[name].shape)} finite floats")
-
-    def advance_sparse(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> ServerState:
-        """A sparse-stage round: add the clients' mean change; after the stage's last round, start
-        LoRA from the best rank-r_max approximation of the whole sparse update."""
-        values = state.sparse or sparse.zero_update(self.sparse_indices)
-        if len(updates) >= self.config.federation.min_clients:
-            mean = sparse.average_updates(updates, weights)
-            values = {n: values[n] + mean[n] for n in values}
-        else:
-            log.warning("round %d: %d clients reported, fewer than min_clients=%d; sparse update unchanged", round_, len(updates), self.config.federation.min_clients)
-        if self.in_sparse_stage(round_ + 1):
-            return ServerState(round=round_, global_adapter=state.global_adapter, metrics=state.metrics, sparse=values)
-        adapter, kept = sparse.lora_start(self.shapes, self.sparse_indices, values, self.max_ranks, self.scale)
-        log.info("round %d: sparse stage over; LoRA starts from its rank-r_max SVD, keeping %.1f%% of its energy", round_, 100 * kept)
-        return ServerState(round=round_, global_adapter=adapter, metrics=state.metrics)
-
     def base_delta(self, state: ServerState) -> dict[str, torch.Tensor]:
-        """What the shared base weights carry beyond W0 in ``state`` (dense, per module)."""
-        if state.sparse:
-            return {n: sparse.dense_delta(self.shapes[n], idx, state.sparse[n]) for n, idx in self.sparse_indices.items()}
-        if self.aggregator.merges_into_base:
-            return {n: f.delta() for n, f in state.base_update.items()}
-        return {}
+        """What the base weights carry beyond W0 in ``state`` (dense, per module)."""
+        return {n: f.delta() for n, f in state.base_update.items()}
 
     def global_update(self, state: ServerState) -> Adapter:
-        """The global model's update over the original base weights: the global adapter, or for
-        methods that merge into the base the cumulative merged update (zero before any merge)."""
-        if not self.aggregator.merges_into_base:
-            return state.global_adapter
-        return state.base_update or self._peft_init()
+        """The global model's update over the original base weights, as one adapter."""
+        return self.aggregator.over_base(state.global_adapter, state.base_update, self._peft_init())
 
     def eval_adapter(self, state: ServerState) -> Adapter:
-        """The adapter evaluated on top of the (possibly merged) base: zero when the update is merged."""
-        return self._peft_init() if self.aggregator.merges_into_base else state.global_adapter
+        """The adapter evaluated on top of the base weights of ``base_delta``."""
+        return self.aggregator.evaluated(state.global_adapter, self._peft_init())
 
     def peft_view(self, adapter: Mapping[str, Factors]) -> Adapter:
         """The global adapter with each module at the scale PEFT expects for its rank."""

@@ -227,9 +227,53 @@ class Aggregator(ABC):
         parts = payload_parts(payload, modules, ("a", "b"))
         return {m: Factors(b=t["b"], a=t["a"], scale=scale(t["a"].shape[0])) for m, t in parts.items()}
 
+    # ------------------------------------------------------------------ the base weights
+    # Hooks of the weights protocol (``aggregation.weights``). A method that merges its global
+    # into the base (FLoRA) keeps ``merged``, the cumulative update over W0, and overrides them;
+    # for every other method ``merged`` stays empty and the base stays W0.
+
     def accumulate(self, merged: Mapping[str, Factors], global_adapter: Mapping[str, Factors], scale: Scale) -> Adapter:
-        """``merges_into_base`` methods: the cumulative base update after merging this round's global."""
-        raise NotImplementedError(f"{self.name} does not merge into the base weights")
+        """The cumulative base update after this round's global: unchanged unless the method merges."""
+        return dict(merged)
+
+    def kept(self, global_adapter: Mapping[str, Factors]) -> Adapter:
+        """The global adapter after a round that changed nothing (too few clients, refused aggregate)."""
+        return dict(global_adapter)
+
+    def evaluated(self, global_adapter: Mapping[str, Factors], fresh: Adapter) -> Adapter:
+        """The adapter evaluated on the base W0 + merged (``fresh``: PEFT's default start, zero update)."""
+        return dict(global_adapter)
+
+    def over_base(self, global_adapter: Mapping[str, Factors], merged: Mapping[str, Factors], fresh: Adapter) -> Adapter:
+        """The global model's whole update over W0, as one adapter (what a round's adapter file holds)."""
+        return dict(global_adapter)
+
+    def sent_alone(self, start: Adapter, merged: Mapping[str, Factors]) -> Adapter:
+        """What a client that does not share the server's base (a Flower node) is sent instead of ``start``."""
+        return start
+
+    def client_base(self, received: Callable[[], Adapter]) -> Adapter | None:
+        """The update a client that does not share the server's base merges into W0 (None: W0),
+        from what it ``received`` (decoded on call)."""
+        return None
+
+    def start(self, received: Callable[[], Adapter], fresh: Callable[[], Adapter]) -> Adapter:
+        """What a client trains from: what it ``received``, or a ``fresh`` LoRA (both made on call)."""
+        return received()
+
+    def written(self, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float], ranks: Sequence[int] | None, scale: Scale) -> dict[int | None, Adapter]:
+        """``flexfed aggregate``: the aggregate served at each output rank (default: the largest
+        input rank), each capped at min(d_out, d_in) of its module; key None for a single output."""
+        shapes = {name: f.shape for name, f in updates[0].items()}
+        if ranks is None:
+            ranks = [max(f.rank for u in updates for f in u.values())]
+        if not ranks or any(r < 1 for r in ranks):
+            raise ValueError(f"output ranks must be positive integers, got {list(ranks)}")
+        capped = {r: {name: min(r, d, k) for name, (d, k) in shapes.items()} for r in ranks}
+        max_ranks = {name: max(capped[r][name] for r in ranks) for name in shapes}
+        global_adapter = self.aggregate(updates, weights, max_ranks, scale)
+        out = {r: self.distribute(global_adapter, capped[r], scale) for r in ranks}
+        return out if len(ranks) > 1 else {None: out[ranks[0]]}
 
     def distribute(self, global_adapter: Mapping[str, Factors], ranks: Mapping[str, int], scale: Scale) -> Adapter:
         """The adapter a client with ``ranks`` (module name -> rank) starts its round from."""

@@ -91,6 +91,31 @@ class FLoRA(Aggregator):
     def accumulate(self, merged, global_adapter, scale) -> Adapter:
         return flora_accumulate(merged, global_adapter, scale)
 
+    def kept(self, global_adapter) -> Adapter:
+        return {}  # the global is the stack to merge next: unchanged means nothing new to merge
+
+    def evaluated(self, global_adapter, fresh) -> Adapter:
+        return fresh  # the global update is in the base
+
+    def over_base(self, global_adapter, merged, fresh) -> Adapter:
+        return dict(merged) or fresh  # zero before any merge
+
+    def sent_alone(self, start, merged) -> Adapter:
+        """A node keeps no base between rounds (and may not have been sampled last round): it is
+        sent the whole cumulative update, to merge into W0, instead of the last stack."""
+        return dict(merged)
+
+    def client_base(self, received) -> Adapter | None:
+        return received() or None
+
+    def start(self, received, fresh) -> Adapter:
+        return fresh()  # what was received went into the base; LoRA restarts
+
+    def written(self, updates, weights, ranks, scale) -> dict[int | None, Adapter]:
+        if ranks is not None:
+            raise ValueError(f"{self.name} writes its exact stacked adapter (rank = sum of input ranks); do not pass ranks")
+        return {None: self.aggregate(updates, weights, {}, scale)}
+
     def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:
         names, p = validate(updates, weights)
         return {n: flora_stack([u[n] for u in updates], p, scale) for n in names}

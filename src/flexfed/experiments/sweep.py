@@ -372,7 +372,7 @@ class Outcome:
 
 
 def check_methods(specs: list[RunSpec]) -> None:
-    """The engine's start-up checks of method against ranks (``server.check_method``), for every
+    """The engine's start-up checks of method against ranks (``aggregation.weights.check_method``), for every
     run before any starts. They need the model's layer shapes, read on the meta device (no weights,
     no data). ``distribution: memory`` is left to the run: its types follow a memory estimate."""
     import torch
@@ -381,7 +381,7 @@ def check_methods(specs: list[RunSpec]) -> None:
     from flexfed.lora import target_shapes
     from flexfed.models import load_skeleton
     from flexfed.resources import client_profiles
-    from flexfed.server import check_method
+    from flexfed.aggregation.weights import check_method
 
     shapes: dict[tuple, dict] = {}
     for spec in specs:

@@ -1,0 +1,117 @@
+"""A client's compute and memory in a round: FLOPs (counted and by formula) and peak training memory.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one step, the client's
+first (forward, backward), and extended to the round's steps by the formula's ratio: counted x
+formula(all steps) / formula(that step). The formula (``Architecture.step_flops``), for a batch
+of B rows padded to T tokens with R labelled positions, N the weights of the decoder's linear
+layers, N0 those of the first layer's q, k, v (their input needs no gradient), P the LoRA
+parameters, L layers and q the query width::
+
+    2 N B T          forward through the frozen body
+  + 2 (N - N0) B T   input gradients through it (no weight gradients: it is frozen)
+  + 6 P B T          LoRA: forward, input and weight gradients
+  + 12 L q B T^2     attention scores and their use, forward and backward
+  + 4 h V R          the output projection on labelled positions only, forward and input gradient
+
+On SmolLM2-135M this is ~0.42 GFLOP per training token (SPEC).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the client's training (its
+passes, when clients share them); on a CPU the estimate of ``resources.TrainingMemory`` for the
+client's largest batch (PyTorch keeps no allocation high-water mark on a CPU, and a process's RSS
+high-water mark never comes down between clients). ``peak_memory_source`` says which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from flexfed.data.prompts import IGNORE_INDEX as IGNORE
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the FLOP formula and the CPU memory estimate need to know of a base model."""
+
+    body: int  # N
+    first_qkv: int  # N0
+    layers: int
+    q_dim: int
+    hidden: int
+    vocab: int
+    memory: object  # resources.TrainingMemory, workload to be filled in per client
+
+    @classmethod
+    def of(cls, model, training, autocast: bool) -> Architecture:
+        """Read off a Hugging Face causal LM before PEFT wraps it."""
+        from flexfed.resources import TrainingMemory
+
+        decoder = model.get_decoder()
+        linears = {n: m for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)}
+        first = [m for n, m in linears.items() if n.startswith("layers.0.") and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")]
+        memory = TrainingMemory.from_model(
+            model, {}, batch_size=0, max_tokens=0, response_tokens=0, autocast=autocast and model.dtype == torch.float32,
+            optimizer_states=2 if training.optimizer == "adamw" else int(training.momentum > 0),
+        )
+        return cls(
+            body=sum(m.weight.numel() for m in linears.values()),
+            first_qkv=sum(m.weight.numel() for m in first),
+            layers=memory.layers, q_dim=memory.q_dim, hidden=memory.hidden, vocab=memory.vocab, memory=memory,
+        )
+
+    def step_flops(self, rows: int, width: int, labelled: int, lora_params: int) -> int:
+        tokens = rows * width
+        body = 2 * self.body * tokens + 2 * (self.body - self.first_qkv) * tokens + 6 * lora_params * tokens
+        return body + 12 * self.layers * self.q_dim * rows * width * width + 4 * self.hidden * self.vocab * labelled
+
+
+class StepCost:
+    """Accumulates one client's cost over its local steps: ``measure`` the first one, ``add`` each."""
+
+    def __init__(self, arch: Architecture, device: torch.device, lora_params: int, shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int]):
+        self.arch, self.device, self.lora_params = arch, device, lora_params
+        self.shapes, self.ranks = dict(shapes), dict(ranks)
+        self.counted: int | None = None
+        self.first = 0  # the formula's FLOPs of the counted step
+        self.formula = 0
+        self.widest = (0, 0, 0)  # rows, width, labelled per row: the largest batch
+        self.peak = 0
+
+    def flop_counter(self):
+        """The context to run the counted step in (a fresh counter for the first step, else none)."""
+        return FlopCounterMode(display=False) if self.counted is None else None
+
+    def step_flops(self, batch: Mapping[str, torch.Tensor]) -> int:
+        rows, width = batch["input_ids"].shape
+        return self.arch.step_flops(rows, width, int((batch["labels"][:, 1:] != IGNORE).sum()), self.lora_params)
+
+    def add(self, batch: Mapping[str, torch.Tensor], counted: int | None = None) -> None:
+        """One local step on ``batch``; ``counted``: the FLOPs counted on it, if it was counted."""
+        flops = self.step_flops(batch)
+        self.formula += flops
+        if counted is not None and self.counted is None:
+            self.counted, self.first = counted, flops
+        rows, width = batch["input_ids"].shape
+        self.widest = max(self.widest, (rows, width, int((batch["labels"][:, 1:] != IGNORE).sum(dim=1).max())))
+
+    def record_peak(self) -> None:
+        """Take the CUDA high-water mark since the last ``reset_peak`` (no-op on a CPU)."""
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def result(self) -> dict:
+        counted = round(self.counted * self.formula / self.first) if self.counted and self.first else 0
+        if self.device.type == "cuda":
+            peak, source = self.peak, "cuda_max_allocated"
+        else:
+            rows, width, labelled = self.widest
+            memory = replace(self.arch.memory, shapes=self.shapes, batch_size=rows, max_tokens=width, response_tokens=labelled)
+            peak, source = memory.estimate(self.ranks).total, "estimate"
+        return {"flops": counted, "flops_analytic": self.formula, "peak_memory_bytes": int(peak), "peak_memory_source": source}
