@@ -152,7 +152,7 @@ class WeightsProtocol(Protocol):
             ranks = {str(n): int(r) for n, r in zip(m.meta["modules"], m.meta["ranks"], strict=True)}
             try:
                 if not m.meta["shares_base"]:
-                    trainer.set_base_update(agg.client_base(lambda: link.receive(m.arrays, ranks)))
+                    trainer.set_base_update(agg.client_base(lambda: link.receive(m.arrays, ranks) if m.arrays else {}))
                 start = link.start(m.arrays, ranks, seed)
             except CLIENT_ERRORS as err:
                 outcomes[i] = err

@@ -1,21 +1,22 @@
 """The Flower ServerApp: flexfed's round, with clients trained on SuperNodes.
 
-``FlowerEngine`` is the in-process ``Simulation`` with one method replaced: ``execute`` sends
-one Message per sampled client (the method's payload for that client, e.g. its own rank-r
-factors, as an ``ArrayRecord``) to the SuperNode hosting it and collects the replies until the
-round's deadline. Sampling, start
-adapters, update checks, aggregation, evaluation, metrics, adapters and checkpoints are the
-simulator's, so both engines write the same run directory from the same config.
+``FlowerEngine`` is the runner (``flexfed.runner``) with a ``FlowerExecutor``: each wave of the
+round's conversations goes out as one Message per sampled client (the protocol's message, e.g.
+the method's payload for that client, its own rank-r factors, as an ``ArrayRecord``) to the
+SuperNode hosting it, and the replies are collected until the round's deadline. Sampling, the
+protocol's messages, update checks, aggregation, evaluation, metrics, adapters and checkpoints
+are the runner's and the protocol's, so both engines write the same run directory from the
+same config.
 
 A client whose node does not answer in time, crashed, disconnected or replied with something
 that is not a well-formed adapter is left out of the round (logged with the client and node
 ids). Every decoded update still goes through ``Server.check_update`` before aggregation.
 
-FLoRA differs from the simulator in what goes down. The method assumes every client receives
-every round's stack and merges it into its base; a SuperNode keeps no base between rounds (and a
-client may not have been sampled last round), so a client is sent the whole *cumulative* update
-(``base_update``: the rounds' stacks concatenated, at most rank min(d, k) per matrix) and merges
-it into the original base. The result is bit for bit the simulator's; ``bytes_down`` counts what
+A SuperNode keeps no base weights between messages (``shares_base`` is False), so a method that
+changes the base sends what a client needs instead (``Aggregator.sent_alone``). For FLoRA, which
+assumes every client receives every round's stack and merges it into its base (and a client may
+not have been sampled last round), that is the whole *cumulative* update (``base_update``: the
+rounds' stacks concatenated, at most rank min(d, k) per matrix), merged into the original base. The result is bit for bit the simulator's; ``bytes_down`` counts what
 is sent, which exceeds the method's (Σ r_j)(d + k) per matrix from round 2 on.
 """
 
@@ -30,12 +31,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from flexfed import config as config_lib
-from flexfed.client import ClientResult
 from flexfed.config import RunConfig
 from flexfed.engines.flower.clientapp import ADAPTER, CONFIG, RESULT
-from flexfed.aggregation.base import Payload
 from flexfed.engines.flower.wire import array_bytes, decode_payload, encode_payload, from_record, message_bytes, to_record
-from flexfed.engines.simulation import Simulation
+from flexfed.protocol import Message as ProtocolMessage
+from flexfed.protocol import converse
+from flexfed.runner import Executor, Runner
 from flexfed.server import UpdateRejected
 
 log = logging.getLogger(__name__)
@@ -118,19 +119,30 @@ class Exchange:
 
 def check_supported(config: RunConfig) -> None:
     """What the Flower engine cannot run yet, refused before any node is contacted."""
-    if config.federation.sparse_stage.rounds:
-        raise ValueError("federation.sparse_stage (SLoRA's sparse first stage) runs on the simulation engine only, not on Flower yet")
+    from flexfed.aggregation.weights import check_engine
+
+    check_engine(config, FlowerExecutor.name)
 
 
-class FlowerEngine(Simulation):
-    def __init__(self, config: RunConfig, grid: Grid):
-        check_supported(config)
-        super().__init__(config)
+class FlowerExecutor(Executor):
+    """Carries each wave of the round's conversations as Flower Messages, one per client, to the
+    SuperNode hosting it, and collects the replies until the round's deadline."""
+
+    name = "flower"
+    shares_base = False  # a node keeps no server state between messages
+
+    def __init__(self, grid: Grid):
         self.grid = grid
-        self.config_yaml = config_lib.dump(config)
         self.host: dict[int, int] = {}  # client index -> node id
         self.hosted_by: dict[int, list[int]] = {}  # node id -> client indices, in query order
         self._wire: dict[str, dict] = {}  # client id -> wire byte counts of this round
+        self._pending = None
+
+    def attach(self, runner) -> None:
+        super().attach(runner)
+        self.config = runner.config
+        self.federation = runner.federation
+        self.config_yaml = config_lib.dump(runner.config)
 
     # ------------------------------------------------------------------ nodes
 
@@ -201,34 +213,20 @@ class FlowerEngine(Simulation):
         SuperNodes (or ones that came back under a new id) take part from the next round on."""
         return self.end_query(self.begin_query())
 
-    def start(self, resume: bool, overwrite: bool):
+    def open(self) -> None:
         """Wait for the nodes and query them while the untouched model is evaluated (round 0)."""
         self.wait_for_nodes()
-        pending = self.begin_query()
-        state = super().start(resume, overwrite)
-        if not self.end_query(pending) and all(n in self.hosted_by for n in self.grid.get_node_ids()):
+        self._pending = self.begin_query()
+
+    def opened(self) -> None:
+        if not self.end_query(self._pending) and all(n in self.hosted_by for n in self.grid.get_node_ids()):
             raise NodeFailure("the connected SuperNodes host none of this federation's clients (check their node config)")
-        return state
 
     # ------------------------------------------------------------------ messages
 
-    def downlink(self, state, client):
-        if self.server.aggregator.merges_into_base:  # the cumulative update, see the module docstring
-            return self.server.link.send(state.base_update, self.server.ranks_of(client))
-        return super().downlink(state, client)
-
-    def _train_message(self, round_: int, c: int, down: Payload) -> Message:
-        arrays, meta = encode_payload(down)
-        modules = sorted(self.server.ranks_of(c))
-        task = {
-            "config": self.config_yaml,
-            "client": self.federation.clients[c].client_id,
-            "round": round_,
-            "seed": self.server.client_seed(round_, c),
-            "modules": modules,
-            "ranks": [self.server.ranks_of(c)[m] for m in modules],
-            **meta,
-        }
+    def _train_message(self, round_: int, c: int, down: ProtocolMessage) -> Message:
+        arrays, meta = encode_payload(down.arrays)
+        task = {"config": self.config_yaml, **down.meta, **meta}
         message = Message(
             RecordDict({ADAPTER: to_record(arrays), CONFIG: ConfigRecord(task)}),
             dst_node_id=self.host[c],
@@ -236,78 +234,73 @@ class FlowerEngine(Simulation):
             group_id=str(round_),
             ttl=self.config.flower.round_timeout + 60,
         )
-        self._wire[task["client"]]["wire_bytes_down"] = message_bytes(message)
+        self._wire[task["client"]]["wire_bytes_down"] += message_bytes(message)
         return message
 
-    def _decode(self, c: int, reply: Message) -> tuple[ClientResult, Payload]:
+    def _decode(self, c: int, reply: Message) -> ProtocolMessage:
         client_id = self.federation.clients[c].client_id
         try:
-            stats = reply.content.config_records[RESULT]
+            stats = dict(reply.content.config_records[RESULT])
             if str(stats["client"]) != client_id:
                 raise UpdateRejected(f"reply is for client {stats['client']}, expected {client_id}")
-            payload = decode_payload(from_record(reply.content.array_records[ADAPTER]), str(stats["dtype"]))
-            result = ClientResult(
-                client_id=client_id,
-                adapter={},  # the server decodes the update from the payload (Server.receive)
-                num_examples=int(stats["num_examples"]),
-                loss=float(stats["loss"]),
-                tokens=int(stats["tokens"]),
-                seconds=float(stats["seconds"]),
-                losses=[float(x) for x in stats["losses"]],
-            )
+            payload = decode_payload(from_record(reply.content.array_records[ADAPTER]), str(stats.pop("dtype")))
         except UpdateRejected:
             raise
         except (KeyError, TypeError, ValueError) as err:
             raise UpdateRejected(f"client {client_id}: malformed reply from node {self.host[c]}: {type(err).__name__}: {err}") from None
-        self._wire[client_id]["wire_bytes_up"] = message_bytes(reply)
-        self._wire[client_id]["array_bytes_up"] = array_bytes(payload)
-        return result, payload
+        self._wire[client_id]["wire_bytes_up"] += message_bytes(reply)
+        self._wire[client_id]["array_bytes_up"] += array_bytes(payload)
+        return ProtocolMessage(payload, stats)
 
-    # ------------------------------------------------------------------ the engine hook
-
-    def execute(self, round_, downs, progress):
-        self.refresh_hosts()
-        outcomes: dict[int, tuple[ClientResult, Payload] | Exception] = {}
-        order, items = [], []
-        for c, down in downs.items():
+    def _deliver(self, round_: int, wave: dict[int, ProtocolMessage], on_reply) -> dict:
+        out: dict = {}
+        items = []
+        for c, down in wave.items():
             client_id = self.federation.clients[c].client_id
             if c not in self.host:
-                outcomes[c] = NodeFailure(f"no connected SuperNode hosts client {client_id}")
+                out[c] = NodeFailure(f"no connected SuperNode hosts client {client_id}")
                 continue
-            self._wire[client_id] = {"node": str(self.host[c]), "array_bytes_down": array_bytes(down)}
-            items.append((len(order), self.host[c], lambda c=c, down=down: self._train_message(round_, c, down)))
-            order.append(c)
-        task = progress.add_task(f"round {round_} clients", total=len(downs)) if progress else None
-        advance = (lambda _key: progress.advance(task)) if progress else None
+            wire = self._wire.setdefault(client_id, {"node": str(self.host[c]), "array_bytes_down": 0, "wire_bytes_down": 0, "array_bytes_up": 0, "wire_bytes_up": 0})
+            wire["array_bytes_down"] += array_bytes(down.arrays)
+            items.append((c, self.host[c], lambda c=c, down=down: self._train_message(round_, c, down)))
         exchange = Exchange(self.grid, items, self.config.flower.round_timeout, per_node=self.config.flower.node_concurrency)
-        replies = exchange.wait(on_reply=advance)
+        for c, reply in exchange.wait(on_reply=on_reply).items():
+            try:
+                out[c] = reply if isinstance(reply, Exception) else self._decode(c, reply)
+            except UpdateRejected as err:
+                out[c] = err
+        return out
+
+    # ------------------------------------------------------------------ the executor's hooks
+
+    def run(self, round_, conversations, progress):
+        self.refresh_hosts()
+        self._wire = {}
+        task = progress.add_task(f"round {round_} clients", total=len(conversations)) if progress else None
+        advance = (lambda _key: progress.advance(task)) if progress else None
+        out = converse(conversations, lambda wave: self._deliver(round_, wave, advance))
         if progress:
             progress.remove_task(task)
-        for i, c in enumerate(order):
-            reply = replies[i]
-            if isinstance(reply, Exception):
-                outcomes[c] = reply
-                continue
-            try:
-                outcomes[c] = self._decode(c, reply)
-            except UpdateRejected as err:
-                outcomes[c] = err
-        return outcomes
+        return out
 
-    def train_round(self, state, round_, progress):
-        self._wire = {}
-        updates, weights, records, failures = super().train_round(state, round_, progress)
-        for r in records + failures:
+    def annotate(self, record: dict) -> None:
+        everyone = record["clients"] + record["clients_failed"]
+        for r in record["clients"]:
             r.update(self._wire.get(r["id"], {}))
-        return updates, weights, records, failures
+        for r in record["clients_failed"]:
+            r.update({k: v for k, v in self._wire.get(r["id"], {}).items() if not k.endswith("_up")})
+        record["wire_bytes_up"] = sum(r.get("wire_bytes_up", 0) for r in record["clients"])
+        record["wire_bytes_down"] = sum(r.get("wire_bytes_down", 0) for r in everyone)
 
-    def round(self, state, round_, progress):
-        state = super().round(state, round_, progress)
-        m = state.metrics[-1]
-        everyone = m["clients"] + m["clients_failed"]
-        m["wire_bytes_up"] = sum(r.get("wire_bytes_up", 0) for r in m["clients"])
-        m["wire_bytes_down"] = sum(r.get("wire_bytes_down", 0) for r in everyone)
-        return state
+
+class FlowerEngine(Runner):
+    """The runner with its clients on SuperNodes (``FlowerExecutor``)."""
+
+    def __init__(self, config: RunConfig, grid: Grid):
+        check_supported(config)
+        super().__init__(config, FlowerExecutor(grid))
+
+    grid = property(lambda self: self.executor.grid, lambda self, grid: setattr(self.executor, "grid", grid))
 
 
 def config_from_run_config(run_config) -> RunConfig:

@@ -37,11 +37,10 @@ def run(config: RunConfig, resume: bool = False, overwrite: bool = False, show_p
 
     from flexfed.engines.flower import clientapp
     from flexfed.engines.flower.serverapp import check_supported, run_on_grid
-    from flexfed.federation import build_federation
-    from flexfed.models import load_tokenizer
+    from flexfed.build import Setup
 
     check_supported(config)
-    num_clients = len(build_federation(config, load_tokenizer(config.model.name)).clients)
+    num_clients = len(Setup(config).federation.clients)
     nodes = min(config.flower.num_supernodes or num_clients, num_clients)
     outcome: dict = {}
     server = ServerApp()

@@ -107,20 +107,14 @@ class Worker:
         self._stop = threading.Event()
 
     def handle(self, header: dict, blobs: dict[str, bytes]) -> tuple[dict, dict[str, bytes]]:
-        from flexfed.engines.flower.clientapp import train_client
+        from flexfed.engines.flower.node import handle
         from flexfed.engines.flower.wire import npy_bytes, npy_load
 
         if header.get("op") != "train":
             raise WorkerError(f"unknown operation {header.get('op')!r}")
         arrays = {k: npy_load(v) for k, v in blobs.items()}
-        stats, out = train_client(
-            str(header["config"]),
-            dict(header.get("node_config") or {}),
-            str(header["client"]),
-            int(header["seed"]),
-            arrays,
-            header["meta"],
-        )
+        node_config = dict(header.get("node_config") or {})
+        stats, out = handle(str(header["config"]), node_config, str(header["client"]), int(header["seed"]), arrays, header["meta"])
         return {"ok": True, "stats": stats}, {k: npy_bytes(v) for k, v in out.items()}
 
     def serve_forever(self) -> None:
@@ -151,7 +145,8 @@ class Worker:
             import torch  # noqa: F401
             import transformers  # noqa: F401
 
-            import flexfed.engines.flower.clientapp  # noqa: F401
+            import flexfed.engines.flower.node  # noqa: F401
+            import flexfed.runner  # noqa: F401
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
