@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flexfed.engines.simulation import Simulation
+from flexfed.protocol import Outcome
 from flexfed.lora import Factors, lora_scale
 from flexfed.server import UpdateRejected, load_checkpoint
 
@@ -134,17 +135,17 @@ def test_the_server_weights_clients_by_their_shard_not_by_what_they_report(tiny_
     honest.run(show_progress=False)
     lying = Simulation(tiny_config("name=lying", *settings))
     liar = lying.federation.clients[lying.server.sample(1)[0]].client_id
-    execute = lying.execute
+    execute = lying.executor.run
 
-    def execute_with_a_liar(round_, downs, progress):
-        outcomes = execute(round_, downs, progress)
+    def execute_with_a_liar(round_, conversations, progress):
+        outcomes = execute(round_, conversations, progress)
         for outcome in outcomes.values():
-            if not isinstance(outcome, Exception) and outcome[0].client_id == liar:
-                outcome[0].num_examples = 10**6  # a node claiming a huge shard to dominate the average
+            if isinstance(outcome, Outcome) and outcome.stats["client"] == liar:
+                outcome.stats = {**outcome.stats, "num_examples": 10**6}  # a node claiming a huge shard to dominate the average
         return outcomes
 
-    lying.execute = execute_with_a_liar
-    with caplog.at_level(logging.WARNING, logger="flexfed.engines.simulation"):
+    lying.executor.run = execute_with_a_liar
+    with caplog.at_level(logging.WARNING, logger="flexfed.runner"):
         lying.run(show_progress=False)
     assert _equal(load_checkpoint(lying.config.run_dir).global_adapter, load_checkpoint(honest.config.run_dir).global_adapter)
     assert any(f"client {liar} reported 1000000 training examples" in r.getMessage() for r in caplog.records)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from flexfed.lora import lora_scale
-from flexfed.sparse import attach, average_updates, dense_delta, detach, lora_start, sparse_indices
+from flexfed.aggregation.sparse import attach, average_updates, dense_delta, detach, lora_start, sparse_indices
 
 SHAPES = {"m.q_proj": (12, 10), "m.k_proj": (6, 10)}
 

@@ -10,15 +10,18 @@ parameters, L layers and q the query width::
     2 N B T          forward through the frozen body
   + 2 (N - N0) B T   input gradients through it (no weight gradients: it is frozen)
   + 6 P B T          LoRA: forward, input and weight gradients
-  + 12 L q B T^2     attention scores and their use, forward and backward
+  + 14 L q B T^2     attention: QKᵀ and its product with V (4 L q B T² forward, 2.5x that backward)
   + 4 h V R          the output projection on labelled positions only, forward and input gradient
 
 On SmolLM2-135M this is ~0.42 GFLOP per training token (SPEC).
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the client's training (its
-passes, when clients share them); on a CPU the estimate of ``resources.TrainingMemory`` for the
-client's largest batch (PyTorch keeps no allocation high-water mark on a CPU, and a process's RSS
-high-water mark never comes down between clients). ``peak_memory_source`` says which.
+Peak memory (``peak_memory_bytes``): on CUDA ``torch.cuda.max_memory_allocated`` over the
+client's training (its passes, when clients share them); on a CPU, where PyTorch keeps no
+allocation high-water mark, the estimate of ``resources.TrainingMemory`` (weights, adapter and
+optimizer state, activations, logits) for the client's largest batch. ``peak_memory_source``
+says which. On Linux a CPU client also gets ``peak_rss_delta_bytes``, measured: the process's
+resident-set high-water mark during its training (reset first, ``/proc/self/clear_refs``) less
+its resident set before, i.e. what training added on top of the loaded model.
 """
 
 from __future__ import annotations
@@ -27,9 +30,27 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
+
+
+def _count_cpu_attention() -> None:
+    """PyTorch counts the CUDA attention kernels but not the CPU one: count it with the same formulas."""
+    aten = torch.ops.aten
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
+    def forward(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)
+    def backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+_count_cpu_attention()
 
 
 @dataclass(frozen=True)
@@ -65,7 +86,7 @@ class Architecture:
     def step_flops(self, rows: int, width: int, labelled: int, lora_params: int) -> int:
         tokens = rows * width
         body = 2 * self.body * tokens + 2 * (self.body - self.first_qkv) * tokens + 6 * lora_params * tokens
-        return body + 12 * self.layers * self.q_dim * rows * width * width + 4 * self.hidden * self.vocab * labelled
+        return body + 14 * self.layers * self.q_dim * rows * width * width + 4 * self.hidden * self.vocab * labelled
 
 
 class StepCost:
@@ -79,6 +100,8 @@ class StepCost:
         self.formula = 0
         self.widest = (0, 0, 0)  # rows, width, labelled per row: the largest batch
         self.peak = 0
+        self.rss_before: int | None = None  # CPU: the RSS when the high-water mark was reset
+        self.rss_delta: int | None = None
 
     def flop_counter(self):
         """The context to run the counted step in (a fresh counter for the first step, else none)."""
@@ -98,13 +121,18 @@ class StepCost:
         self.widest = max(self.widest, (rows, width, int((batch["labels"][:, 1:] != IGNORE).sum(dim=1).max())))
 
     def record_peak(self) -> None:
-        """Take the CUDA high-water mark since the last ``reset_peak`` (no-op on a CPU)."""
+        """Take the high-water mark since the last ``reset_peak``: CUDA's allocations, or on a CPU
+        the process's resident set above what it held at the reset."""
         if self.device.type == "cuda":
             self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        elif self.rss_before is not None:
+            self.rss_delta = max(self.rss_delta or 0, _proc_status("VmHWM") - self.rss_before)
 
     def reset_peak(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        elif _reset_rss_high_water():
+            self.rss_before = _proc_status("VmRSS")
 
     def result(self) -> dict:
         counted = round(self.counted * self.formula / self.first) if self.counted and self.first else 0
@@ -114,4 +142,23 @@ class StepCost:
             rows, width, labelled = self.widest
             memory = replace(self.arch.memory, shapes=self.shapes, batch_size=rows, max_tokens=width, response_tokens=labelled)
             peak, source = memory.estimate(self.ranks).total, "estimate"
-        return {"flops": counted, "flops_analytic": self.formula, "peak_memory_bytes": int(peak), "peak_memory_source": source}
+        out = {"flops": counted, "flops_analytic": self.formula, "peak_memory_bytes": int(peak), "peak_memory_source": source}
+        return out if self.rss_delta is None else {**out, "peak_rss_delta_bytes": int(self.rss_delta)}
+
+
+def _reset_rss_high_water() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux; False where the kernel does not allow it)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)

@@ -124,6 +124,13 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
     for k in ("bytes_up", "bytes_down", "tokens_trained", "time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s"):
         s[k] = sum(_series(rows, k)[1])
     s["bytes_total"] = s["bytes_up"] + s["bytes_down"]
+    # Client cost (runs before it was recorded: None): FLOPs per client per round, peak training memory.
+    flops = [c["flops"] for c in clients if c.get("flops") is not None]
+    peaks = [c["peak_memory_bytes"] for c in clients if c.get("peak_memory_bytes") is not None]
+    s["client_flops_mean"] = _mean(flops)
+    s["client_flops_analytic_mean"] = _mean([c["flops_analytic"] for c in clients if c.get("flops_analytic") is not None])
+    s["client_peak_memory_bytes"] = max(peaks) if peaks else None
+    s["client_peak_memory_source"] = next((c["peak_memory_source"] for c in clients if "peak_memory_source" in c), None)
     cats = [r for r in rows if isinstance(r.get("rouge_l_unseen_by_category"), dict)]
     if cats:
         first = cats[0]["rouge_l_unseen_by_category"] if cats[0]["round"] == 0 else {}
@@ -170,6 +177,14 @@ def human_seconds(t: float) -> str:
 
 def _f(v, fmt: str = ".3f") -> str:
     return "–" if v is None else format(v, fmt)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _scaled(v: float | None, factor: float) -> float | None:
+    return None if v is None else v * factor
 
 
 # ---------------------------------------------------------------- plots
@@ -326,6 +341,14 @@ def _markdown(sums: list[dict], plots: list[str]) -> str:
     out.append(table(["run", "bytes up", "bytes down", "total", "tokens trained", "train", "aggregate", "eval", "wall"], [
         [s["run"], *(human_bytes(s[k]) for k in ("bytes_up", "bytes_down", "bytes_total")), f"{s['tokens_trained']:,.0f}",
          *(human_seconds(s[k]) for k in ("time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s"))] for s in sums]))
+    if any(s.get("client_flops_mean") is not None for s in sums):
+        out += ["", "Per client and round: FLOPs counted on a sampled step (FlopCounterMode) and by formula "
+                "(flexfed.cost), and the largest peak training memory of any client (*cuda_max_allocated*: CUDA's "
+                "allocation high-water mark; *estimate*: resources.TrainingMemory, on a CPU).", ""]
+        out.append(table(["run", "client GFLOP / round", "by formula", "client peak memory"], [
+            [s["run"], _f(_scaled(s.get("client_flops_mean"), 1e-9), ".4g"), _f(_scaled(s.get("client_flops_analytic_mean"), 1e-9), ".4g"),
+             "–" if s.get("client_peak_memory_bytes") is None else f"{human_bytes(s['client_peak_memory_bytes'])} ({s['client_peak_memory_source']})"]
+            for s in sums]))
     cats = sorted({c for s in sums for c in s.get("rouge_l_unseen_by_category", {})})
     if cats:
         out += ["", "## Unseen Rouge-L by category (final, gain over round 0)", ""]

@@ -19,6 +19,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -31,7 +32,7 @@ from flexfed.server import ServerState, load_checkpoint, sample_clients, save_ch
 
 log = logging.getLogger(__name__)
 
-COST_FIELDS = ("flops", "flops_analytic", "peak_memory_bytes", "peak_memory_source")
+COST_FIELDS = ("flops", "flops_analytic", "peak_memory_bytes", "peak_memory_source", "peak_rss_delta_bytes")
 
 
 class RunExists(RuntimeError):
@@ -82,12 +83,12 @@ InProcess = Executor
 
 
 class Runner:
-    def __init__(self, config: RunConfig, executor: Executor | None = None):
+    def __init__(self, config: RunConfig, executor: Executor | None = None, protocol: Callable[[Setup], Protocol] = build_protocol):
         self.config = config
         self.run_dir = config.run_dir
         self.executor = executor or InProcess()
         self.setup = Setup(config)
-        self.protocol = build_protocol(self.setup)
+        self.protocol = protocol(self.setup)
         self.protocol.check_executor(self.executor)
         self.executor.attach(self)
         self.time_clients = 0.0  # wall seconds of the last round's conversations

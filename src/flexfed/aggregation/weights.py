@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from flexfed import sparse
+from flexfed.aggregation import sparse
 from flexfed.aggregation.base import Aggregator
 from flexfed.client import CLIENT_ERRORS, ClientResult
 from flexfed.config import RunConfig
@@ -171,7 +171,7 @@ class WeightsProtocol(Protocol):
 
 
 class SparseStage:
-    """SLoRA's first stage (``flexfed.sparse``): clients train a change to a fixed random subset
+    """SLoRA's first stage (``aggregation.sparse``): clients train a change to a fixed random subset
     of the base weights' entries, receiving the current values and sending their change."""
 
     def __init__(self, protocol: WeightsProtocol, indices: Mapping[str, torch.Tensor]):
