@@ -22,8 +22,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Mapping, Sequence
 
-from torch import Tensor
-
 from flexfed.aggregation.base import Payload, payload_bytes
 
 
@@ -146,7 +144,3 @@ def converse(conversations: Mapping[int, Conversation], deliver: Deliver) -> dic
             step(c, reply)
     return out
 
-
-def tensors(message: Message, prefix: str) -> dict[str, Tensor]:
-    """The arrays of ``message`` whose names start with ``prefix``, without it."""
-    return {k[len(prefix):]: v for k, v in message.arrays.items() if k.startswith(prefix)}

@@ -24,7 +24,7 @@ from typing import Callable
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flexfed import config as config_lib
-from flexfed.build import Setup, pick_device  # noqa: F401  (pick_device: part of the engines' interface)
+from flexfed.build import Setup
 from flexfed.config import RunConfig
 from flexfed.evaluation import evaluate
 from flexfed.protocol import Failure, Outcome, Protocol, converse

@@ -24,7 +24,7 @@ from flexfed.aggregation import sparse
 from flexfed.aggregation.base import Aggregator
 from flexfed.client import CLIENT_ERRORS, ClientResult
 from flexfed.config import RunConfig
-from flexfed.lora import Factors, module_kind
+from flexfed.lora import module_kind
 from flexfed.multiclient import ClientJob, clients_per_pass, train_clients
 from flexfed.protocol import Message, Protocol
 from flexfed.resources import RankProfile, TrainingMemory, client_profiles
