@@ -19,9 +19,9 @@ Peak memory (``peak_memory_bytes``): on CUDA ``torch.cuda.max_memory_allocated``
 client's training (its passes, when clients share them); on a CPU, where PyTorch keeps no
 allocation high-water mark, the estimate of ``resources.TrainingMemory`` (weights, adapter and
 optimizer state, activations, logits) for the client's largest batch. ``peak_memory_source``
-says which. On Linux a CPU client also gets ``peak_rss_delta_bytes``, measured: the process's
-resident-set high-water mark during its training (reset first, ``/proc/self/clear_refs``) less
-its resident set before, i.e. what training added on top of the loaded model.
+says which. A process's resident-set high-water mark is no per-client measure: memory a client
+frees stays resident in the allocator, so the next client's training adds next to nothing to it
+(``benchmarks/memory.py`` measures it in a fresh process per case instead).
 """
 
 from __future__ import annotations
@@ -100,8 +100,6 @@ class StepCost:
         self.formula = 0
         self.widest = (0, 0, 0)  # rows, width, labelled per row: the largest batch
         self.peak = 0
-        self.rss_before: int | None = None  # CPU: the RSS when the high-water mark was reset
-        self.rss_delta: int | None = None
 
     def flop_counter(self):
         """The context to run the counted step in (a fresh counter for the first step, else none)."""
@@ -121,18 +119,13 @@ class StepCost:
         self.widest = max(self.widest, (rows, width, int((batch["labels"][:, 1:] != IGNORE).sum(dim=1).max())))
 
     def record_peak(self) -> None:
-        """Take the high-water mark since the last ``reset_peak``: CUDA's allocations, or on a CPU
-        the process's resident set above what it held at the reset."""
+        """Take CUDA's allocation high-water mark since the last ``reset_peak`` (no-op on a CPU)."""
         if self.device.type == "cuda":
             self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
-        elif self.rss_before is not None:
-            self.rss_delta = max(self.rss_delta or 0, _proc_status("VmHWM") - self.rss_before)
 
     def reset_peak(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif _reset_rss_high_water():
-            self.rss_before = _proc_status("VmRSS")
 
     def result(self) -> dict:
         counted = round(self.counted * self.formula / self.first) if self.counted and self.first else 0
@@ -142,23 +135,4 @@ class StepCost:
             rows, width, labelled = self.widest
             memory = replace(self.arch.memory, shapes=self.shapes, batch_size=rows, max_tokens=width, response_tokens=labelled)
             peak, source = memory.estimate(self.ranks).total, "estimate"
-        out = {"flops": counted, "flops_analytic": self.formula, "peak_memory_bytes": int(peak), "peak_memory_source": source}
-        return out if self.rss_delta is None else {**out, "peak_rss_delta_bytes": int(self.rss_delta)}
-
-
-def _reset_rss_high_water() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux; False where the kernel does not allow it)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+        return {"flops": counted, "flops_analytic": self.formula, "peak_memory_bytes": int(peak), "peak_memory_source": source}

@@ -68,7 +68,10 @@ class Protocol(ABC):
 
     @abstractmethod
     def serve(self, setup, messages: Sequence[Message], on_done: Callable[[], None] | None = None) -> list[Message | Exception]:
-        """The clients' side: each message's reply, or the error that failed that client."""
+        """The clients' side: each message's reply, or the error that failed that client. The
+        ``meta`` of a conversation's last reply holds the client's statistics, which go into its
+        metrics record: ``num_examples``, ``loss``, ``tokens``, ``seconds`` and the cost fields
+        (``flops``, ``flops_analytic``, ``peak_memory_bytes``, ... see ``flexfed.cost``)."""
 
     @abstractmethod
     def combine(self, state, round_: int, updates: Sequence, weights: Sequence[float]):

@@ -32,7 +32,7 @@ from flexfed.server import ServerState, load_checkpoint, sample_clients, save_ch
 
 log = logging.getLogger(__name__)
 
-COST_FIELDS = ("flops", "flops_analytic", "peak_memory_bytes", "peak_memory_source", "peak_rss_delta_bytes")
+COST_FIELDS = ("flops", "flops_analytic", "peak_memory_bytes", "peak_memory_source")
 
 
 class RunExists(RuntimeError):

@@ -1,7 +1,7 @@
-"""The server's side of a round: sample, hand out start adapters, check updates, aggregate, checkpoint.
+"""The server's side of a LoRA round: sample, hand out start adapters, check updates, aggregate, checkpoint.
 
-Nothing here trains or evaluates; engines call these pieces in order, so the simulator and the
-Flower ServerApp share one implementation of the round. ``Link`` is the part both ends of a
+Nothing here trains or evaluates; the weights protocol (``aggregation.weights``) calls these
+pieces, for every engine alike. ``Link`` is the part both ends of a
 client's exchange share (a Flower node builds its own from the run config): what is sent for a
 start adapter or an update, and what a client trains from.
 """
