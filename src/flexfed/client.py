@@ -51,6 +51,13 @@ class ClientResult:
     sparse: dict[str, torch.Tensor] = field(default_factory=dict)  # SLoRA's sparse stage: values trained
 
 
+def pick_device(name: str) -> torch.device:
+    """A device setting (``auto``: CUDA when available, else the CPU) as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

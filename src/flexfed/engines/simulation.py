@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from flexfed import config as config_lib
 from flexfed.aggregation.base import Payload, payload_bytes
-from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer
+from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, pick_device
 from flexfed.config import RunConfig
 from flexfed.evaluation import evaluate
 from flexfed.federation import Federation, build_federation, client_examples
@@ -38,11 +38,6 @@ log = logging.getLogger(__name__)
 class RunExists(RuntimeError):
     pass
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Simulation:
