@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from flexfed.cli import main
+from flexfed.config import ConfigError
 from flexfed.experiments import stats
 from flexfed.experiments.sweep import Sweep, from_command_line, split_values
 
@@ -63,11 +64,13 @@ def test_grid_named_axes_and_include_expand_deterministically(tmp_path):
     assert names == ["method-fedit_regime-sgd", "method-fedit_regime-adamw", "method-flexlora_regime-sgd",
                      "method-flexlora_regime-adamw", "method-hetlora_regime-adamw_distribution-uniform"]
     runs = sweep.runs(tmp_path)
-    assert [r.run_dir.name for r in runs[:2]] == ["method-fedit_regime-sgd_seed3", "method-fedit_regime-sgd_seed1"]
+    # seed by seed: every cell at the first seed before any at the second
+    assert [r.run_dir.name for r in runs[:2]] == ["method-fedit_regime-sgd_seed3", "method-fedit_regime-adamw_seed3"]
+    assert runs[len(runs) // 2].seed == 1
     sgd = runs[0].config
     assert (sgd.training.optimizer, sgd.training.lr, sgd.seed, sgd.federation.rounds) == ("sgd", 0.01, 3, 1)
     assert sgd.training.batch_size == 4  # a nested option changes its keys only; the rest stays tiny's
-    assert runs[2].config.training.lr == 1e-4  # the sweep-wide value where no option sets it
+    assert runs[1].config.training.lr == 1e-4  # the sweep-wide value where no option sets it
     extra = runs[-1].config
     assert (extra.federation.method, extra.resources.distribution, extra.training.optimizer) == ("hetlora", "uniform", "adamw")
     assert sgd.run_dir == (tmp_path / "runs" / "method-fedit_regime-sgd_seed3").resolve()
@@ -269,6 +272,18 @@ def test_table2_sweep_expands_to_recipes_by_settings_and_validates(tmp_path, cap
     assert {r.config.data.source for r in runs} == {"prompt-completion"}
     assert {tuple(r.config.lora.target_modules) for r in runs} == {("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     assert {r.config.federation.sample_fraction for r in runs} == {0.05}
+
+
+def test_set_and_seeds_adjust_a_sweep_file_but_grid_does_not(tmp_path):
+    from flexfed.experiments.sweep import open_sweep
+
+    sweep, _ = open_sweep("table2-p3", str(tmp_path / "t2"), sets=["eval.unseen_examples=256", "federation.server_device=auto"], seeds="4")
+    runs = sweep.runs(tmp_path / "t2")
+    assert len(runs) == 27 and {r.seed for r in runs} == {4}
+    assert {r.config.eval.unseen_examples for r in runs} == {256} and {r.config.federation.server_device for r in runs} == {"auto"}
+    assert {r.config.training.optimizer for r in runs} == {"sgd", "adamw"}  # the file's grid still applies
+    with pytest.raises(ConfigError, match="not both"):
+        open_sweep("table2-p3", str(tmp_path / "t2"), grid=["lora.rank=4,8"])
 
 
 @pytest.mark.parametrize("config", ["flexlora-paper-p3", "flexlora-paper-ni"])

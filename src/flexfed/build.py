@@ -11,15 +11,10 @@ from functools import cached_property
 
 import torch
 
+from flexfed.client import pick_device
 from flexfed.config import RunConfig
 from flexfed.federation import Federation, build_federation, client_examples
 from flexfed.models import load_model, load_tokenizer
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Setup:

@@ -11,7 +11,7 @@ the clients. A protocol says what travels and what each side does with it:
 - ``serve(setup, messages)``: the client's side, on the node that hosts it: what it computes
   from each message on its private data, and the reply it sends back (statistics in ``meta``).
 - ``combine(state, round, updates, weights)``: the server's new state from the round's updates.
-- ``evaluated(trainer, state)``: put the model to evaluate in the trainer.
+- ``evaluated(trainer, state)``: the model to evaluate, built on the trainer's (a context).
 
 Bytes are those of the tensors in the messages actually sent (``Message.nbytes``).
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Mapping, Sequence
+from typing import Callable, ContextManager, Generator, Mapping, Sequence
 
 from flexfed.aggregation.base import Payload, payload_bytes
 
@@ -78,8 +78,9 @@ class Protocol(ABC):
         """The state after ``round_`` from the updates of the clients that reported."""
 
     @abstractmethod
-    def evaluated(self, trainer, state) -> None:
-        """Load the model that ``state`` stands for into ``trainer`` (its base and adapter)."""
+    def evaluated(self, trainer, state) -> ContextManager:
+        """A context that gives the model ``state`` stands for, built on ``trainer``'s (its base
+        and adapter), to evaluate."""
 
     def client_fields(self, round_: int, client: int, update) -> dict:
         """Protocol-specific fields of a client's metrics record (``update`` None: it failed)."""

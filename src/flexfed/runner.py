@@ -105,13 +105,14 @@ class Runner:
 
     def evaluate(self, state: ServerState) -> dict:
         began = time.perf_counter()
-        self.protocol.evaluated(self.trainer, state)
         e = self.config.eval
         out = {}
         predictions = []
         f = self.federation
-        for split, items in (("seen", f.eval_seen), ("unseen", f.eval_unseen), ("validation", f.eval_validation)):
-            res = evaluate(self.trainer.peft_model, self.tokenizer, items, e.max_new_tokens, e.batch_size)
+        with self.protocol.evaluated(self.trainer, state) as model:
+            results = {split: evaluate(model, self.tokenizer, items, e.max_new_tokens, e.batch_size)
+                       for split, items in (("seen", f.eval_seen), ("unseen", f.eval_unseen), ("validation", f.eval_validation))}
+        for split, res in results.items():
             for key in ("rouge_l", "rouge_l_weighted", "rouge_l_by_task", "rouge_l_by_category"):
                 out[key.replace("rouge_l", f"rouge_l_{split}")] = res[key]
             out[f"eval_loss_{split}"] = res["loss"]

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from flexfed.aggregation import Aggregator, get_aggregator
 from flexfed.aggregation.base import Payload, truncate
+from flexfed.client import pick_device
 from flexfed.config import RunConfig
 from flexfed.lora import Adapter, Factors, init_adapter, lora_scale, save_adapter
 from flexfed.resources import RankProfile, max_ranks
@@ -130,6 +131,7 @@ class Server:
         self.aggregator = get_aggregator(config.federation.method, **config.federation.method_options)
         self.link = Link(self.aggregator, self.shapes, config.lora.alpha, config.lora.rslora, config.seed)
         self.local_rule = self.aggregator.local_rule()
+        self.aggregation_device = pick_device(config.federation.server_device)
         self.client_ranks: dict[str, dict[str, int]] = {}  # the current state's (``use_ranks``)
         self._reported_ranks: dict[str, dict[str, int]] = {}  # lower ranks received this round
 
@@ -220,7 +222,13 @@ class Server:
                 raise UpdateRejected(f"{who}: {name} update s·B·A has norm {norm:.4g}, above federation.max_update_ratio={ratio:g} x ‖W0‖_F = {bound:.4g}")
 
     def aggregate(self, state: ServerState, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> Adapter:
-        return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale, previous=state.global_adapter)
+        device = self.aggregation_device
+        if device.type == "cpu":
+            return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale, previous=state.global_adapter)
+        def moved(adapter: Mapping[str, Factors] | None, to: torch.device) -> Adapter | None:
+            return None if adapter is None else {n: f.to(to) for n, f in adapter.items()}
+        new_global = self.aggregator.aggregate([moved(u, device) for u in updates], weights, self.max_ranks, self.scale, previous=moved(state.global_adapter, device))
+        return moved(new_global, torch.device("cpu"))
 
     def advance(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> ServerState:
         """The state after ``round_``: aggregate (if enough clients reported); the method's hooks say

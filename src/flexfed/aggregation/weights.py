@@ -104,9 +104,9 @@ class WeightsProtocol(Protocol):
     def sync(self, trainer, state: ServerState) -> None:
         trainer.set_base_delta(self.base_delta(state))
 
-    def evaluated(self, trainer, state: ServerState) -> None:
+    def evaluated(self, trainer, state: ServerState):
         self.sync(trainer, state)
-        trainer.activate(self.server.peft_view(self.server.eval_adapter(state)))
+        return trainer.merged(self.server.peft_view(self.server.eval_adapter(state)))
 
     def save(self, run_dir: Path, state: ServerState) -> None:
         self.server.save_global(Path(run_dir) / "adapters" / f"round-{state.round:04d}", self.server.global_update(state))

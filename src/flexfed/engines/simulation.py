@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flexfed.config import RunConfig
-from flexfed.build import pick_device
+from flexfed.client import pick_device
 from flexfed.runner import RunExists, Runner
 
 Simulation = Runner  # a runner's executor is in-process unless it is given another
