@@ -1,7 +1,6 @@
 """Hugging Face ``datasets`` as a task source: formats, column mapping, partitions, laziness, a run."""
 
 import json
-import math
 import random
 from collections import Counter
 from unittest import mock
@@ -93,28 +92,23 @@ def test_without_a_task_column_each_category_is_a_task_and_without_either_one_ta
     assert {len(t) for t in capped} == {5} and capped == load_hf_dataset(path, COLUMNS, max_examples_per_task=5, seed=3)
 
 
-def category_entropy(shards, tasks) -> float:
-    """Mean over clients of the entropy of their examples' categories."""
-    category = {t.name: t.category for t in tasks}
-    values = []
-    for shard in shards:
-        counts = Counter()
-        for name, indices in shard.parts:
-            counts[category[name]] += len(indices)
-        total = sum(counts.values())
-        values.append(-sum(n / total * math.log(n / total) for n in counts.values()))
-    return sum(values) / len(values)
+def dominant_share(shards, tasks) -> float:
+    """Mean over clients of the share of their examples in their largest category (1: one category each)."""
+    table = task_table(tasks)
+    counts = [Counter(task.category for task, examples in materialize(shard, table) for _ in examples) for shard in shards]
+    return sum(max(c.values()) / c.total() for c in counts) / len(counts)
 
 
 def test_dirichlet_over_the_category_column_skews_more_at_lower_alpha(tmp_path):
     rows = make_rows(tasks_per_category=1, per_task=60)
-    tasks = load_tasks("hf-datasets", write(rows, "jsonl", tmp_path), columns={"prompt": "question", "completion": "answers", "category": "topic"})
-    entropy = {
-        alpha: sum(category_entropy(partition(tasks, "dirichlet", seed=s, num_clients=12, alpha=alpha), tasks) for s in range(3)) / 3
+    columns = {"prompt": "question", "completion": "answers", "category": "topic"}  # no task column: Dirichlet over categories
+    tasks = load_tasks("hf-datasets", write(rows, "jsonl", tmp_path), columns=columns)
+    skew = {
+        alpha: sum(dominant_share(partition(tasks, "dirichlet", seed=s, num_clients=12, alpha=alpha), tasks) for s in range(3)) / 3
         for alpha in (0.1, 1.0, 100.0)
     }
-    assert entropy[0.1] < entropy[1.0] < entropy[100.0]
-    assert entropy[100.0] > 0.85 * math.log(len(CATEGORIES))
+    assert skew[0.1] > skew[1.0] > skew[100.0]
+    assert skew[0.1] > 0.8 and skew[100.0] < 0.4  # near one category each; near uniform over four
 
 
 @pytest.mark.parametrize(

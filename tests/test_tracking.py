@@ -81,3 +81,13 @@ def test_mlflow_holds_the_config_and_every_rounds_metrics_and_a_resume_replaces_
     run(config, resume=True, show_progress=False)
     assert json.loads((config.run_dir / "mlflow.json").read_text())["run_id"] == tracked.info.run_id
     assert sorted(p.step for p in client.get_metric_history(tracked.info.run_id, "rouge_l/unseen")) == [0, 1, 2, 3, 4]
+
+
+def test_mlflow_names_and_settings():
+    from flexfed.config import ConfigError, load_config
+    from flexfed.tracking import flat_params, metric_key
+
+    assert metric_key("rouge_l_by_category/seen/Q&A (multi)") == "rouge_l_by_category/seen/Q_A _multi_"
+    assert flat_params({"a": {"b": 1, "c": [1, 2], "d": {}}, "e": None}) == [("a.b", "1"), ("a.c", "[1, 2]"), ("a.d", "{}"), ("e", "None")]
+    with pytest.raises(ConfigError, match="tracking.mlflow_uri and tracking.mlflow_experiment need tracking.mlflow: true"):
+        load_config("tiny", ["tracking.mlflow_uri=sqlite:///x.db"])
