@@ -15,6 +15,12 @@ datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is the 
 CATEGORIES = ("alpha", "beta", "gamma", "delta")
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """load_dataset's Arrow cache in the test's directory, not the user's ~/.cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
 def make_rows(tasks_per_category: int = 2, per_task: int = 12, seed: int = 0) -> list[dict]:
     """Rows of distinct random prompts; columns named unlike flexfed's fields, to be mapped."""
     generator = random.Random(seed)
