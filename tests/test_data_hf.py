@@ -154,7 +154,7 @@ def test_flexfed_run_on_a_datasets_source(tmp_path):
     from flexfed.cli import main
 
     path = write(make_rows(), "save_to_disk", tmp_path)
-    assert main(run_args(tmp_path, path, "eval.seen_examples=4", "eval.unseen_examples=4", "eval.validation_examples=2")) == 0
+    assert main(run_args(tmp_path, path, "eval.seen_examples=2", "eval.unseen_examples=2", "eval.validation_examples=0")) == 0
     lines = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1]
     assert all(line["rouge_l_seen"] is not None and line["rouge_l_unseen"] is not None for line in lines)
