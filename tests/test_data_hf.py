@@ -98,6 +98,16 @@ def test_without_a_task_column_each_category_is_a_task_and_without_either_one_ta
     assert {len(t) for t in capped} == {5} and capped == load_hf_dataset(path, COLUMNS, max_examples_per_task=5, seed=3)
 
 
+def test_a_class_label_column_gives_its_names(tmp_path):
+    rows = make_rows(tasks_per_category=1, per_task=3)
+    features = datasets.Features({"question": datasets.Value("string"), "answers": datasets.List(datasets.Value("string")),
+                                  "name": datasets.Value("string"), "topic": datasets.ClassLabel(names=list(CATEGORIES)),
+                                  "extra": datasets.Value("int64")})  # fmt: skip
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "labelled"))
+    tasks = load_hf_dataset(tmp_path / "labelled", {"prompt": "question", "completion": "answers", "category": "topic"})
+    assert [t.name for t in tasks] == sorted(CATEGORIES)
+
+
 def dominant_share(shards, tasks) -> float:
     """Mean over clients of the share of their examples in their largest category (1: one category each)."""
     table = task_table(tasks)

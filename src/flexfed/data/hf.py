@@ -46,6 +46,7 @@ def load_hf_dataset(
     unknown = sorted(set(columns) - set(COLUMN_FIELDS))
     if unknown:
         raise ValueError(f"data.columns: unknown field(s) {unknown}; the fields are {list(COLUMN_FIELDS)}")
+    datasets = import_datasets()
     dataset = _open(Path(path), split)
     available = list(dataset.column_names)
     for field, name in columns.items():
@@ -54,6 +55,10 @@ def load_hf_dataset(
 
     table = dataset.with_format("arrow")  # column reads respect any row selection and stay in Arrow until here
     values = {field: table[name].to_pylist() for field, name in columns.items() if name is not None}
+    for field in ("task", "category"):  # a ClassLabel column (the usual label column) by its names
+        feature = dataset.features.get(columns[field]) if columns[field] else None
+        if isinstance(feature, datasets.ClassLabel):
+            values[field] = [None if v is None else feature.int2str(v) for v in values[field]]
     group_by = "task" if columns["task"] else "category" if columns["category"] else None
     examples: dict[str, list[Example]] = {}
     category_of: dict[str, str] = {}
@@ -82,12 +87,17 @@ def load_hf_dataset(
     ]
 
 
-def _open(path: Path, split: str | None):
-    """The ``datasets.Dataset`` at ``path`` (one split of it, for a ``DatasetDict``)."""
+def import_datasets():
     try:
         import datasets
     except ImportError as err:  # the optional extra is missing
         raise ImportError(f"data.source=hf-datasets needs Hugging Face datasets: pip install 'flexfed[datasets]' ({err})") from None
+    return datasets
+
+
+def _open(path: Path, split: str | None):
+    """The ``datasets.Dataset`` at ``path`` (one split of it, for a ``DatasetDict``)."""
+    datasets = import_datasets()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir() and any((path / marker).is_file() for marker in ("dataset_dict.json", "state.json")):
