@@ -235,7 +235,7 @@ def test_load_tasks_dispatches(tmp_path):
     )
     dolly = write_lines(tmp_path / "d.jsonl", [{"instruction": "i", "response": "r"}])
     assert load_tasks("instruction-jsonl", str(dolly))[0].name == "general"
-    assert set(SOURCES) == {"builtin", "natural-instructions", "instruction-jsonl", "prompt-completion"}
+    assert set(SOURCES) == {"builtin", "natural-instructions", "instruction-jsonl", "prompt-completion", "hf-datasets"}
 
 
 def test_load_tasks_errors():

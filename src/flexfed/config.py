@@ -23,9 +23,20 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
+class DataColumns(_Section):
+    """data.source=hf-datasets: which column holds each field (task, category: optional)."""
+
+    prompt: str = "prompt"
+    completion: str = "completion"  # a string, or a list of references whose first is the target
+    task: str | None = None  # one task per value (by_task: one client per task); unset: one per category
+    category: str | None = None  # held out by for unseen categories, skewed over by dirichlet; unset: "general"
+
+
 class DataConfig(_Section):
-    source: Literal["builtin", "natural-instructions", "instruction-jsonl", "prompt-completion"] = "builtin"
+    source: Literal["builtin", "natural-instructions", "instruction-jsonl", "prompt-completion", "hf-datasets"] = "builtin"
     path: str | None = None
+    columns: DataColumns = Field(default_factory=DataColumns)  # hf-datasets only
+    split: str | None = None  # hf-datasets: the split of a DatasetDict (default train, or its only one)
     examples_per_task: int = Field(64, ge=2)  # built-in suite only
     max_examples_per_task: int | None = Field(None, ge=2)
     unseen_fraction: float = Field(0.25, gt=0, lt=1)
@@ -41,6 +52,8 @@ class DataConfig(_Section):
     def _check(self):
         if self.source != "builtin" and not self.path:
             raise ValueError(f"data.path is required for data.source={self.source!r}")
+        if self.source != "hf-datasets" and (self.split is not None or self.columns != DataColumns()):
+            raise ValueError(f"data.columns and data.split apply to data.source='hf-datasets' only, not {self.source!r}")
         if self.partition in ("dirichlet", "iid") and self.num_clients is None:
             raise ValueError(f"data.num_clients is required for data.partition={self.partition!r}")
         if self.max_response_tokens >= self.max_tokens:
@@ -168,6 +181,15 @@ class FlowerConfig(_Section):
 
 class TrackingConfig(_Section):
     tensorboard: bool = False  # also write every round's metrics to RUN_DIR/tensorboard (pip install flexfed[tracking])
+    mlflow: bool = False  # also log the config and every round's metrics to MLflow (pip install flexfed[tracking])
+    mlflow_uri: str | None = None  # MLflow tracking URI; default sqlite:///RUN_DIR/mlflow.db
+    mlflow_experiment: str = "flexfed"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.mlflow and (self.mlflow_uri is not None or self.mlflow_experiment != "flexfed"):
+            raise ValueError("tracking.mlflow_uri and tracking.mlflow_experiment need tracking.mlflow: true")
+        return self
 
 
 class RunConfig(_Section):

@@ -146,6 +146,8 @@ def held_out_splits(config: RunConfig, tasks: list[Task]) -> dict[str, list[Task
 def build_federation(config: RunConfig, tokenizer) -> Federation:
     d = config.data
     options = {"examples_per_task": d.examples_per_task} if d.source == "builtin" else {}
+    if d.source == "hf-datasets":
+        options.update(columns=d.columns.model_dump(), split=d.split)
     if d.max_examples_per_task is not None:
         options["max_examples_per_task"] = d.max_examples_per_task
     try:

@@ -209,10 +209,10 @@ class Runner:
         save_checkpoint(self.run_dir, state)
 
     def open_tracker(self, purge_from: int | None = None) -> None:
-        if self.config.tracking.tensorboard:
-            from flexfed.tracking import TensorBoardTracker
+        if self.config.tracking.tensorboard or self.config.tracking.mlflow:
+            from flexfed.tracking import Trackers
 
-            self.tracker = TensorBoardTracker(self.run_dir, purge_from)
+            self.tracker = Trackers(self.config, self.run_dir, purge_from)
 
     def start(self, resume: bool, overwrite: bool) -> ServerState:
         self.executor.open()
@@ -230,7 +230,7 @@ class Runner:
             # Lines written after the checkpoint belong to a round that will be redone.
             with open(self.run_dir / "metrics.jsonl", "w") as fh:
                 fh.writelines(json.dumps(m) + "\n" for m in state.metrics)
-            self.open_tracker(purge_from=state.round + 1)  # and so do TensorBoard's points past it
+            self.open_tracker(purge_from=state.round + 1)  # and so do the trackers' points past it
             return state
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not overwrite:

@@ -7,6 +7,7 @@ client's examples up (`materialize`) and encode them with the model's chat templ
 """
 
 from flexfed.data.builtin import FAMILIES, builtin_suite
+from flexfed.data.hf import load_hf_dataset
 from flexfed.data.instances import Instances, instances_of, source_instances, template_words, without_instances, word_overlap_leaks, words
 from flexfed.data.jsonl import dataset_categories, load_instruction_jsonl, load_prompt_completion_dir
 from flexfed.data.natural_instructions import load_natural_instructions
@@ -44,6 +45,7 @@ __all__ = [
     "holdout_examples",
     "iid",
     "instances_of",
+    "load_hf_dataset",
     "load_instruction_jsonl",
     "load_natural_instructions",
     "load_prompt_completion_dir",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flexfed.data.builtin import builtin_suite
+from flexfed.data.hf import load_hf_dataset
 from flexfed.data.jsonl import load_instruction_jsonl, load_prompt_completion_dir
 from flexfed.data.natural_instructions import load_natural_instructions
 from flexfed.data.types import Task
@@ -13,6 +14,7 @@ LOADERS = {
     "natural-instructions": load_natural_instructions,
     "instruction-jsonl": load_instruction_jsonl,
     "prompt-completion": load_prompt_completion_dir,
+    "hf-datasets": load_hf_dataset,
 }
 SOURCES = ("builtin", *LOADERS)
 
