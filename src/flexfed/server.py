@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexfed import sparse
+from flexfed import defences, privacy, sparse
 from flexfed.aggregation import Aggregator, get_aggregator
 from flexfed.aggregation.base import Payload, truncate
 from flexfed.config import RunConfig
@@ -58,6 +58,9 @@ class ServerState:
     # Clients that cut their own ranks (HetLoRA's self-pruning): client id -> module -> rank,
     # what the server serves them from then on; everyone else gets their profile's ranks.
     client_ranks: dict[str, dict[str, int]] = field(default_factory=dict)
+    # What the server's defences (privacy, robust aggregation) did this round; like ``rejected``,
+    # recorded in the round's metrics line, not checkpointed.
+    defence: dict | None = None
 
 
 class Link:
@@ -142,6 +145,7 @@ class Server:
         self.local_rule = self.aggregator.local_rule()
         self.client_ranks: dict[str, dict[str, int]] = {}  # the current state's (``use_ranks``)
         self._reported_ranks: dict[str, dict[str, int]] = {}  # lower ranks received this round
+        self.defence: dict | None = None  # what the defences did in the last ``aggregate``
 
     def scale(self, rank: int) -> float:
         return lora_scale(rank, self.config.lora.alpha, self.config.lora.rslora)
@@ -227,8 +231,26 @@ class Server:
             if norm > bound:
                 raise UpdateRejected(f"{who}: {name} update s·B·A has norm {norm:.4g}, above federation.max_update_ratio={ratio:g} x ‖W0‖_F = {bound:.4g}")
 
-    def aggregate(self, state: ServerState, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> Adapter:
-        return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale, previous=state.global_adapter)
+    def aggregate(self, state: ServerState, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float], round_: int | None = None) -> Adapter:
+        def plain(updates, weights):
+            return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale, previous=state.global_adapter)
+
+        self.defence = None
+        if not defences.is_defended(self.config):
+            return plain(updates, weights)
+        # ---- privacy / robust aggregation (flexfed.defences): each update measured about its start
+        starts = [self.aggregator.distribute(state.global_adapter, {n: f.rank for n, f in u.items()}, self.scale) for u in updates]
+        seed = derived_seed(self.config.seed, "dp-noise", state.round + 1 if round_ is None else round_)
+        new, self.defence = defences.defended_aggregate(self.config, self.aggregator, plain, state.global_adapter, starts, updates, weights, self.link, seed)
+        return new
+
+    def epsilon(self, round_: int) -> float | None:
+        """ε(privacy.delta) spent after ``round_`` rounds (None without privacy or noise: no guarantee)."""
+        p = self.config.privacy
+        if not p.enabled or (p.noise_multiplier == 0 and round_ > 0):
+            return None
+        rate = len(self.sample(1)) / len(self.client_ids)  # clients per round / clients registered
+        return privacy.epsilon(p.noise_multiplier, rate, round_, p.delta, p.accountant)
 
     def advance(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> ServerState:
         """The state after ``round_``: aggregate (if enough clients reported), merge into the base if the method does."""
@@ -242,15 +264,16 @@ class Server:
             log.warning("round %d: %d clients reported, fewer than min_clients=%d; global model unchanged", round_, len(updates), self.config.federation.min_clients)
             return unchanged
         try:
-            new_global = self.aggregate(state, updates, weights)
+            new_global = self.aggregate(state, updates, weights, round_)
             self.check_bounded(new_global, f"round {round_}'s aggregate")
             base_update = self.aggregator.accumulate(state.base_update, new_global, self.scale) if merges else state.base_update
             self.check_bounded(base_update, f"round {round_}'s merged update")
         except (ValueError, RuntimeError, FloatingPointError) as err:  # UpdateRejected, LinAlgError among them
             unchanged.rejected = f"{type(err).__name__}: {err}"
+            unchanged.defence = self.defence
             log.warning("round %d: aggregate refused, global model unchanged: %s", round_, unchanged.rejected)
             return unchanged
-        return ServerState(round=round_, global_adapter=new_global, metrics=state.metrics, base_update=base_update, client_ranks=unchanged.client_ranks)
+        return ServerState(round=round_, global_adapter=new_global, metrics=state.metrics, base_update=base_update, client_ranks=unchanged.client_ranks, defence=self.defence)
 
     def in_sparse_stage(self, round_: int) -> bool:
         return round_ <= self.config.federation.sparse_stage.rounds

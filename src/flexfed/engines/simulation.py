@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flexfed import config as config_lib
-from flexfed.aggregation.base import Payload, payload_bytes
+from flexfed import attacks, config as config_lib
+from flexfed.aggregation.base import Payload, payload_bytes, truncate
 from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer
 from flexfed.config import RunConfig
 from flexfed.evaluation import evaluate
@@ -30,7 +30,7 @@ from flexfed.lora import module_kind, target_shapes
 from flexfed.models import load_model, load_tokenizer
 from flexfed.multiclient import ClientJob, clients_per_pass, train_clients
 from flexfed.resources import TrainingMemory, client_profiles
-from flexfed.server import Server, ServerState, load_checkpoint, save_checkpoint
+from flexfed.server import Server, ServerState, derived_seed, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class Simulation:
         self.trainer = LocalTrainer(model, config.lora, config.training, self.tokenizer.pad_token_id, self.device)
         self.time_clients = 0.0  # wall seconds of the last round's ``execute``
         self.tracker = None  # made when the run directory is ready (``start``)
+        a = config.attack
+        self.attackers = attacks.attackers([c.client_id for c in self.federation.clients], a.fraction, derived_seed(config.seed, "attackers")) if a.fraction else set()
 
     # ------------------------------------------------------------------ pieces of a round
 
@@ -124,6 +126,7 @@ class Simulation:
         began = time.perf_counter()
         outcomes = self.execute(round_, downs, progress)
         self.time_clients = time.perf_counter() - began  # the clients' own work: data, training, transport
+        outcomes = self.attack(round_, downs, outcomes)  # simulated attackers (config ``attack``), if any
         updates, weights, records, failures = [], [], [], []
         for c, down in downs.items():
             shard = self.federation.clients[c]
@@ -140,10 +143,31 @@ class Simulation:
             updates.append(update)
             weights.append(self.client_weight(round_, c, result))
             records.append(self._client_record(c, result, payload_bytes(down), payload_bytes(up)))
+            if shard.client_id in self.attackers:
+                records[-1]["attacker"] = True
             sent = _ranks_by_kind({n: f.rank for n, f in update.items()})
             if sent != records[-1]["ranks"]:  # the client cut its own rank (HetLoRA's self-pruning)
                 records[-1]["ranks_sent"] = sent
         return updates, weights, records, failures
+
+    def attack(self, round_: int, downs: dict[int, Payload], outcomes: dict) -> dict:
+        """Outcomes with each attacker's update poisoned (``flexfed.attacks``), as if it had sent it."""
+        if not self.attackers:
+            return outcomes
+        link, kind = self.server.link, self.config.attack.kind
+        out = dict(outcomes)
+        for c, outcome in outcomes.items():
+            client_id = self.federation.clients[c].client_id
+            if client_id not in self.attackers or isinstance(outcome, Exception):
+                continue
+            result, up = outcome
+            ranks = self.server.ranks_of(c)
+            trained = link.receive(up, ranks)
+            start = link.start(downs[c], ranks, self.server.client_seed(round_, c))
+            start = {n: truncate(f, trained[n].rank, trained[n].scale) for n, f in start.items()}  # a client that pruned (HetLoRA)
+            poisoned = attacks.poison(kind, link.aggregator.trainable, start, trained, self.config.attack.scale, derived_seed(self.config.seed, "attack", round_, client_id))
+            out[c] = (result, link.send(poisoned, {n: f.rank for n, f in poisoned.items()}))
+        return out
 
     def client_weight(self, round_: int, c: int, result: ClientResult) -> int:
         """The client's aggregation weight n_i: the size of its shard, which the server assigned.
@@ -225,7 +249,11 @@ class Simulation:
             "time_train_s": time_train,
             "time_aggregate_s": time_aggregate,
             "aggregate_rejected": state.rejected,  # why the previous global was kept, if it was
+            "epsilon": self.server.epsilon(round_),  # privacy: ε(privacy.delta) spent so far (null: no guarantee)
         }
+        if state.defence is not None:  # what privacy / robust aggregation did, indices mapped to client ids
+            ids = [r["id"] for r in records]
+            record["defence"] = {k: ([ids[i] for i in v] if k in ("rejected", "clipped") else v) for k, v in state.defence.items()}
         record.update(self._maybe_evaluate(state))
         record["time_round_s"] = time.perf_counter() - began
         # The framework's own cost: sampling, start adapters, update checks, aggregation, records.
@@ -281,7 +309,7 @@ class Simulation:
         self.server.use_ranks(state)  # every client at its profile's ranks
         log.info("round 0: evaluating the untouched model")
         registered = len(self.federation.clients)  # the federation's size; later rounds record only the sampled clients
-        state.metrics = [{"round": 0, "method": self.config.federation.method, "clients_registered": registered, "train_loss": None, **self.evaluate(state)}]
+        state.metrics = [{"round": 0, "method": self.config.federation.method, "clients_registered": registered, "train_loss": None, "epsilon": self.server.epsilon(0), **self.evaluate(state)}]
         self.persist(state)
         return state
 
