@@ -334,8 +334,32 @@ class Server:
 _CHECKPOINTS = "checkpoints"
 
 
+_SUMS = "SHA256SUMS"  # written last: a checkpoint whose files do not match it is damaged
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a run can be read back intact."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
-    """Write the state to ``checkpoints/round-NNNN`` atomically (write aside, then rename)."""
+    """Write the state to ``checkpoints/round-NNNN`` atomically (write aside, fsync, then rename),
+    with the SHA-256 of every file in ``SHA256SUMS`` so a damaged one is detected on resume."""
     root = Path(run_dir) / _CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{state.round:04d}"
@@ -348,32 +372,78 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
         save_file({n: v.contiguous() for n, v in state.sparse.items()}, str(tmp / "sparse.safetensors"))
     meta = {"round": state.round, "scales": scales, "base_scales": base_scales, "metrics": state.metrics, "client_ranks": state.client_ranks}
     (tmp / "state.json").write_text(json.dumps(meta))
-    with open(tmp / "state.json", "rb") as fh:
-        os.fsync(fh.fileno())
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    (tmp / _SUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in files}))
+    _fsync(tmp / _SUMS)
+    _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync(root)
     for old in sorted(root.glob("round-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _newest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((Path(run_dir) / _CHECKPOINTS).glob("round-*"))
-    return found[-1] if found else None
+def verify_checkpoint(path: Path) -> dict:
+    """The checkpoint's state.json, after checking every file against ``SHA256SUMS``;
+    ``CheckpointError`` naming the file if one is missing, truncated or altered."""
+    sums_path = path / _SUMS
+    if not sums_path.exists() and (path / "state.json").exists():  # written before checksums existed
+        try:
+            return json.loads((path / "state.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path / 'state.json'}: unreadable ({err})") from None
+    try:
+        sums = json.loads(sums_path.read_text())
+        if not isinstance(sums, dict) or "state.json" not in sums:
+            raise ValueError("no entry for state.json")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{sums_path}: unreadable ({err})") from None
+    for name, expected in sums.items():
+        try:
+            actual = _sha256(path / name)
+        except OSError as err:
+            raise CheckpointError(f"{path / name}: unreadable ({err})") from None
+        if actual != expected:
+            raise CheckpointError(f"{path / name}: SHA-256 {actual[:12]}… does not match {_SUMS} ({str(expected)[:12]}…): truncated or corrupted")
+    try:
+        return json.loads((path / "state.json").read_text())
+    except ValueError as err:  # checksummed yet unparsable: written so by a bug, not by a crash
+        raise CheckpointError(f"{path / 'state.json'}: not valid JSON ({err})") from None
+
+
+def _intact_checkpoints(run_dir: Path):
+    """(path, state.json) of each intact checkpoint, newest first; damaged ones are logged and skipped."""
+    damaged = []
+    for path in sorted((Path(run_dir) / _CHECKPOINTS).glob("round-*"), reverse=True):
+        try:
+            yield path, verify_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("checkpoint %s is damaged, trying the previous one: %s", path.name, err)
+            damaged.append(str(err))
+    if damaged:
+        raise CheckpointError(f"{Path(run_dir) / _CHECKPOINTS}: no intact checkpoint: " + "; ".join(damaged))
+
+
+def _newest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    return next(_intact_checkpoints(run_dir), None)
 
 
 def checkpoint_round(run_dir: Path) -> int | None:
-    """The round of a run's newest checkpoint (what --resume continues after) without loading its tensors."""
-    path = _newest_checkpoint(run_dir)
-    return None if path is None else json.loads((path / "state.json").read_text())["round"]
+    """The round of a run's newest intact checkpoint (what --resume continues after)."""
+    found = _newest_checkpoint(run_dir)
+    return None if found is None else found[1]["round"]
 
 
 def load_checkpoint(run_dir: Path) -> ServerState | None:
-    """The newest complete checkpoint of a run, or None if it has none."""
-    path = _newest_checkpoint(run_dir)
-    if path is None:
+    """The newest intact checkpoint of a run (a damaged newest one falls back to the one before),
+    or None if it has none; ``CheckpointError`` if it has some but none is intact."""
+    found = _newest_checkpoint(run_dir)
+    if found is None:
         return None
-    meta = json.loads((path / "state.json").read_text())
+    path, meta = found
     adapter = _load_factors(path / "global.safetensors", meta["scales"])
     base_update = _load_factors(path / "base_update.safetensors", meta.get("base_scales", {}))
     sparse_values = load_file(str(path / "sparse.safetensors")) if (path / "sparse.safetensors").exists() else {}

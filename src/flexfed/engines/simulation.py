@@ -228,7 +228,9 @@ class Simulation:
         began = time.perf_counter()
         sparse_stage = self.server.in_sparse_stage(round_)
         train = self.train_sparse_round if sparse_stage else self.train_round
+        log.debug("round %d: clients training", round_)  # phase markers (the crash tests kill on them)
         updates, weights, records, failures = train(state, round_, progress)
+        log.debug("round %d: aggregating", round_)
         time_train = time.perf_counter() - began
         t0 = time.perf_counter()
         advance = self.server.advance_sparse if sparse_stage else self.server.advance
@@ -278,6 +280,7 @@ class Simulation:
             fh.write(json.dumps(state.metrics[-1]) + "\n")
         if self.tracker is not None:
             self.tracker.log(state.metrics[-1])
+        log.debug("round %d: writing checkpoint", state.round)
         save_checkpoint(self.run_dir, state)
 
     def open_tracker(self, purge_from: int | None = None) -> None:
