@@ -91,7 +91,7 @@ def test_sigkill_while_checkpoints_are_written_leaves_an_intact_one(tmp_path):
     is killed at random moments; every time, the newest intact checkpoint is one it finished."""
     rng = random.Random(15)
     run_dir, start = tmp_path / "run", 1
-    for _ in range(4):
+    for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(run_dir), "400000", str(start)], stdout=subprocess.PIPE, text=True, env=_env())
         done = [int(proc.stdout.readline())]  # the first write has finished: kill in the middle of later ones
         time.sleep(rng.uniform(0.0, 0.3))
@@ -133,14 +133,14 @@ def test_a_run_killed_at_random_points_and_resumed_equals_an_uninterrupted_one(t
     killed = tmp_path / "killed"
     sets = [x for s in [f"output_dir={tmp_path}", "name=killed", *SETTINGS] for x in ("--set", s)]
     # where each try dies: mid-training, mid-aggregation, mid-checkpoint (markers from the run's own log)
-    kills = [("round 1: clients training", rng.uniform(0.05, 0.4)), ("round 2: aggregating", 0.0), ("round 2: writing checkpoint", 0.0), ("round 3: clients training", rng.uniform(0.0, 0.3))]
+    kills = [("round 1: clients training", rng.uniform(0.05, 0.4)), ("round 2: aggregating", 0.0), ("round 2: writing checkpoint", 0.0)]
     rounds_at_kill = []
     for i, (marker, delay) in enumerate(kills):
         proc = _cli("--config", "tiny", *sets) if i == 0 else _cli("--resume", str(killed))
         _kill_on(proc, marker, delay)
         assert proc.returncode == -signal.SIGKILL
         rounds_at_kill.append(checkpoint_round(killed))
-    assert rounds_at_kill[0] == 0 and rounds_at_kill[-1] >= 1
+    assert rounds_at_kill[0] == 0 and rounds_at_kill[1] == 1 and rounds_at_kill[2] in (1, 2)
     final = _cli("--resume", str(killed))
     out, _ = final.communicate(timeout=300)
     assert final.returncode == 0, out[-3000:]
