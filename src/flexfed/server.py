@@ -185,7 +185,7 @@ class Server:
         """The client's update decoded from its payload and checked; ``UpdateRejected`` otherwise."""
         try:
             update = self.link.receive(payload, self.ranks_of(client))
-        except (KeyError, ValueError, RuntimeError) as err:
+        except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
             raise UpdateRejected(f"client {self.client_ids[client]}: malformed payload: {err}") from None
         self.check_update(client, update)
         ranks = {n: f.rank for n, f in update.items()}
