@@ -133,6 +133,10 @@ def test_epsilon_on_every_round_matches_the_accountant_computed_independently(ti
         assert m["epsilon"] == pytest.approx(expected, rel=1e-12)
         assert m["defence"]["noise_std"] == pytest.approx(1.3 * 0.05 / m["clients_reported"])  # equal shards: σ S / m
     assert metrics[1]["epsilon"] < metrics[2]["epsilon"] < metrics[3]["epsilon"]
+    from flexfed.report import summarize, write_report
+
+    assert summarize(config.run_dir)["epsilon"] == metrics[-1]["epsilon"]  # and the report says it
+    assert f"| {config.name} | {metrics[-1]['epsilon']:.3g} | 0.0001 | 1.3 | 0.05 | rdp |" in (write_report([config.run_dir]) / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("method, distribution, options", METHODS)

@@ -124,6 +124,9 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
     for k in ("bytes_up", "bytes_down", "tokens_trained", "time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s"):
         s[k] = sum(_series(rows, k)[1])
     s["bytes_total"] = s["bytes_up"] + s["bytes_down"]
+    # privacy: ε(δ) spent by the last recorded round (None: no privacy, or σ = 0)
+    s["epsilon"] = finite_or_none(rows[-1].get("epsilon"))
+    s["privacy"] = {k: _get(cfg, f"privacy.{k}") for k in ("clip_norm", "noise_multiplier", "delta", "accountant")}
     cats = [r for r in rows if isinstance(r.get("rouge_l_unseen_by_category"), dict)]
     if cats:
         first = cats[0]["rouge_l_unseen_by_category"] if cats[0]["round"] == 0 else {}
@@ -326,6 +329,12 @@ def _markdown(sums: list[dict], plots: list[str]) -> str:
     out.append(table(["run", "bytes up", "bytes down", "total", "tokens trained", "train", "aggregate", "eval", "wall"], [
         [s["run"], *(human_bytes(s[k]) for k in ("bytes_up", "bytes_down", "bytes_total")), f"{s['tokens_trained']:,.0f}",
          *(human_seconds(s[k]) for k in ("time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s"))] for s in sums]))
+    private = [s for s in sums if (s.get("privacy") or {}).get("clip_norm") is not None]
+    if private:
+        out += ["", "## Privacy (client-level DP; ε from Opacus's accountant, after the last round)", ""]
+        out.append(table(["run", "ε", "δ", "noise multiplier σ", "clip norm S", "accountant"], [
+            [s["run"], _f(s["epsilon"], ".3g") if s["epsilon"] is not None else "∞ (σ = 0)", _f(s["privacy"]["delta"], ".3g"),
+             _f(s["privacy"]["noise_multiplier"], ".3g"), _f(s["privacy"]["clip_norm"], ".3g"), s["privacy"]["accountant"]] for s in private]))
     cats = sorted({c for s in sums for c in s.get("rouge_l_unseen_by_category", {})})
     if cats:
         out += ["", "## Unseen Rouge-L by category (final, gain over round 0)", ""]
