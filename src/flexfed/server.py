@@ -27,6 +27,7 @@ from flexfed.aggregation import Aggregator, get_aggregator
 from flexfed.aggregation.base import Payload, truncate
 from flexfed.config import RunConfig
 from flexfed.lora import Adapter, Factors, init_adapter, lora_scale, save_adapter
+from flexfed.models import sha256_file
 from flexfed.resources import RankProfile, max_ranks
 
 log = logging.getLogger(__name__)
@@ -341,14 +342,6 @@ class CheckpointError(ValueError):
     """No checkpoint of a run can be read back intact."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -375,7 +368,7 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         _fsync(tmp / name)
-    (tmp / _SUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in files}))
+    (tmp / _SUMS).write_text(json.dumps({name: sha256_file(tmp / name) for name in files}))
     _fsync(tmp / _SUMS)
     _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -403,7 +396,7 @@ def verify_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{sums_path}: unreadable ({err})") from None
     for name, expected in sums.items():
         try:
-            actual = _sha256(path / name)
+            actual = sha256_file(path / name)
         except OSError as err:
             raise CheckpointError(f"{path / name}: unreadable ({err})") from None
         if actual != expected:
