@@ -162,6 +162,19 @@ def test_flexlora_sqrt_split_gives_the_same_products_with_balanced_factors():
             assert torch.allclose(b[name].b.norm(dim=0), b[name].a.norm(dim=1), rtol=1e-8)
 
 
+def test_flexlora_splits_hand_out_the_same_fresh_lora():
+    """Round 1's global is PEFT's init (B = 0): the balanced split must not rescale its A, or the
+    two splits would start from different adapters (a 5x smaller A for a rank-8 client under r_max = 200)."""
+    scale = scale_fn()
+    fresh = {n: Factors(b=torch.zeros(d, 20, dtype=torch.float64), a=torch.randn(20, k, dtype=torch.float64), scale=scale(20)) for n, (d, k) in SHAPES.items()}
+    for r in (3, 20):
+        ref = get_aggregator("flexlora").distribute(fresh, {n: r for n in SHAPES}, scale)
+        sqrt = get_aggregator("flexlora", split="sqrt").distribute(fresh, {n: r for n in SHAPES}, scale)
+        for name in SHAPES:
+            assert torch.equal(ref[name].a, sqrt[name].a) and torch.equal(ref[name].b, sqrt[name].b)
+            assert torch.equal(sqrt[name].a, fresh[name].a[:r])
+
+
 def test_flexlora_memory_chunks_do_not_change_the_result():
     updates = [client(4, 0), client(7, 1)]
     p = [0.5, 0.5]

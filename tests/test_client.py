@@ -119,3 +119,22 @@ def test_base_update_sets_and_restores_the_base_weights(tokenizer, examples):
     torch.testing.assert_close(trainer.base_linear(name).weight, w0 + update[name].delta())
     trainer.set_base_update(None)
     assert torch.equal(trainer.base_linear(name).weight, w0)
+
+
+def test_merged_inference_matches_the_adapter_and_restores_the_weights(tokenizer, examples):
+    trainer, start, _ = _trainer(tokenizer, "training.precision=fp32", "training.local_steps=4", "training.lr=0.05")
+    trained = trainer.train("c1", start, examples, seed=0).adapter  # B != 0: the merge changes the output
+    batch = collate(examples[:4], tokenizer.pad_token_id)
+    trainer.activate(trained)
+    with torch.no_grad():
+        through_adapter = trainer.peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    before = {n: p.detach().clone() for n, p in trainer.base_model.named_parameters()}
+    with trainer.merged(trained) as model, torch.no_grad():
+        merged = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(merged, through_adapter, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the adapter layers are on again, over the original weights
+        assert torch.equal(trainer.peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, through_adapter)
+    for n, p in trainer.base_model.named_parameters():
+        assert torch.equal(p, before[n]), n  # put back bit for bit
+    again = trainer.train("c1", start, examples, seed=0).adapter
+    assert all(torch.equal(again[n].b, trained[n].b) for n in trained)

@@ -107,7 +107,8 @@ def test_memory_config_errors(overrides, needle):
 
 
 def test_a_memory_budgeted_run_trains_each_client_at_its_type(tiny_config):
-    from flexfed.engines.simulation import Simulation, pick_device
+    from flexfed.client import pick_device
+    from flexfed.engines.simulation import Simulation
     from flexfed.report import summarize
 
     probe = tiny_config("lora.target_modules=[q_proj,v_proj,gate_proj]")

@@ -63,11 +63,13 @@ def test_grid_named_axes_and_include_expand_deterministically(tmp_path):
     assert names == ["method-fedit_regime-sgd", "method-fedit_regime-adamw", "method-flexlora_regime-sgd",
                      "method-flexlora_regime-adamw", "method-hetlora_regime-adamw_distribution-uniform"]
     runs = sweep.runs(tmp_path)
-    assert [r.run_dir.name for r in runs[:2]] == ["method-fedit_regime-sgd_seed3", "method-fedit_regime-sgd_seed1"]
+    # seed by seed: every cell at the first seed before any at the second
+    assert [r.run_dir.name for r in runs[:2]] == ["method-fedit_regime-sgd_seed3", "method-fedit_regime-adamw_seed3"]
+    assert runs[len(runs) // 2].seed == 1
     sgd = runs[0].config
     assert (sgd.training.optimizer, sgd.training.lr, sgd.seed, sgd.federation.rounds) == ("sgd", 0.01, 3, 1)
     assert sgd.training.batch_size == 4  # a nested option changes its keys only; the rest stays tiny's
-    assert runs[2].config.training.lr == 1e-4  # the sweep-wide value where no option sets it
+    assert runs[1].config.training.lr == 1e-4  # the sweep-wide value where no option sets it
     extra = runs[-1].config
     assert (extra.federation.method, extra.resources.distribution, extra.training.optimizer) == ("hetlora", "uniform", "adamw")
     assert sgd.run_dir == (tmp_path / "runs" / "method-fedit_regime-sgd_seed3").resolve()

@@ -87,7 +87,7 @@ def _resources(args) -> int:
     from rich.table import Table
 
     from flexfed.config import load_config
-    from flexfed.engines.simulation import pick_device
+    from flexfed.client import pick_device
     from flexfed.lora import target_shapes
     from flexfed.models import load_skeleton
     from flexfed.resources import GIB, TrainingMemory, client_mix, fit_budgets, quota_counts, rank_types, resolve_type

@@ -131,6 +131,9 @@ class FederationConfig(_Section):
     # refused (null: only non-finite ones). LoRA updates of a pretrained model stay far below 1.
     max_update_ratio: float | None = Field(10.0, gt=0)
     sparse_stage: SparseStageConfig = Field(default_factory=SparseStageConfig)
+    # Where the server's aggregation math runs: cpu, or an accelerator (auto: the run's device).
+    # FlexLoRA's SVDs are ~10 s a round on 2 CPU cores at SmolLM2's shapes, milliseconds on a GPU.
+    server_device: str = "cpu"
 
     @model_validator(mode="after")
     def _lora_rounds_left(self):

@@ -53,6 +53,9 @@ class Factors:
     def shape(self) -> tuple[int, int]:
         return self.b.shape[0], self.a.shape[1]
 
+    def to(self, device: torch.device | str) -> "Factors":
+        return Factors(b=self.b.to(device), a=self.a.to(device), scale=self.scale)
+
     def delta(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.scale * (self.b.to(dtype) @ self.a.to(dtype))
 

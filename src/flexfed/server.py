@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from flexfed import defences, privacy, sparse
 from flexfed.aggregation import Aggregator, get_aggregator
 from flexfed.aggregation.base import Payload, truncate
+from flexfed.client import pick_device
 from flexfed.config import RunConfig
 from flexfed.lora import Adapter, Factors, init_adapter, lora_scale, save_adapter
 from flexfed.models import sha256_file
@@ -144,6 +145,7 @@ class Server:
         stage = config.federation.sparse_stage
         self.sparse_indices = sparse.sparse_indices(self.shapes, stage.density, derived_seed(config.seed, "sparse")) if stage.rounds else {}
         self.local_rule = self.aggregator.local_rule()
+        self.aggregation_device = pick_device(config.federation.server_device)
         self.client_ranks: dict[str, dict[str, int]] = {}  # the current state's (``use_ranks``)
         self._reported_ranks: dict[str, dict[str, int]] = {}  # lower ranks received this round
         self.defence: dict | None = None  # what the defences did in the last ``aggregate``
@@ -234,7 +236,15 @@ class Server:
 
     def aggregate(self, state: ServerState, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float], round_: int | None = None) -> Adapter:
         def plain(updates, weights):
-            return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale, previous=state.global_adapter)
+            device = self.aggregation_device
+            if device.type == "cpu":
+                return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale, previous=state.global_adapter)
+
+            def moved(adapter: Mapping[str, Factors] | None, to: torch.device) -> Adapter | None:
+                return None if adapter is None else {n: f.to(to) for n, f in adapter.items()}
+
+            new_global = self.aggregator.aggregate([moved(u, device) for u in updates], weights, self.max_ranks, self.scale, previous=moved(state.global_adapter, device))
+            return moved(new_global, torch.device("cpu"))
 
         self.defence = None
         if not defences.is_defended(self.config):

@@ -207,6 +207,9 @@ class FlexLoRA(Aggregator):
         for name, f in global_adapter.items():
             # truncate() moves s_max/s(r) into B; the balanced split shares it between B and A.
             t = truncate(f, ranks[name], scale(ranks[name]))
+            if not f.b.any():  # a fresh LoRA (round 1): no product to balance, so both splits start alike
+                out[name] = t
+                continue
             root = math.sqrt(f.scale / t.scale)
             out[name] = Factors(b=t.b / root, a=t.a * root, scale=t.scale)
         return out

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from flexfed import attacks, config as config_lib
 from flexfed.aggregation.base import Payload, payload_bytes, truncate
-from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer
+from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, pick_device
 from flexfed.config import RunConfig
 from flexfed.evaluation import evaluate
 from flexfed.federation import Federation, build_federation, client_examples
@@ -38,11 +38,6 @@ log = logging.getLogger(__name__)
 class RunExists(RuntimeError):
     pass
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Simulation:
@@ -77,13 +72,14 @@ class Simulation:
     def evaluate(self, state: ServerState) -> dict:
         began = time.perf_counter()
         self.sync_base(state)
-        self.trainer.activate(self.server.peft_view(self.server.eval_adapter(state)))
         e = self.config.eval
         out = {}
         predictions = []
         f = self.federation
-        for split, items in (("seen", f.eval_seen), ("unseen", f.eval_unseen), ("validation", f.eval_validation)):
-            res = evaluate(self.trainer.peft_model, self.tokenizer, items, e.max_new_tokens, e.batch_size)
+        with self.trainer.merged(self.server.peft_view(self.server.eval_adapter(state))) as model:
+            results = {split: evaluate(model, self.tokenizer, items, e.max_new_tokens, e.batch_size)
+                       for split, items in (("seen", f.eval_seen), ("unseen", f.eval_unseen), ("validation", f.eval_validation))}
+        for split, res in results.items():
             for key in ("rouge_l", "rouge_l_weighted", "rouge_l_by_task", "rouge_l_by_category"):
                 out[key.replace("rouge_l", f"rouge_l_{split}")] = res[key]
             out[f"eval_loss_{split}"] = res["loss"]

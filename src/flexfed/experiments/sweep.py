@@ -240,8 +240,10 @@ class Sweep:
         """Every run of the sweep, its config validated; a bad key or value fails here, naming it."""
         root = (Path(sweep_dir) / RUNS).resolve()
         specs = []
-        for cell in self.cells():
-            for seed in self.seeds:
+        # Seed by seed, so a sweep stopped part-way has every cell at the first seeds.
+        cells = self.cells()
+        for seed in self.seeds:
+            for cell in cells:
                 name = f"{cell.name}_seed{seed}"
                 sets = [f"{k}={v}" for k, v in {**self.overrides, **cell.overrides}.items()]
                 sets += [f"seed={seed}", f"name={name}", f"output_dir={root}"]
@@ -284,14 +286,20 @@ def split_values(text: str) -> list[Any]:
     return [yaml.safe_load(p.strip()) if p.strip() else "" for p in parts]
 
 
-def from_command_line(base: str | None, sets: list[str], grid: list[str], seeds: str | None, baseline: str | None) -> Sweep:
-    """The sweep that ``flexfed sweep --config --set --grid KEY=V1,V2 --seeds 0,1`` describes."""
-    raw: dict[str, Any] = {"base": base or "quickstart", "set": {}, "grid": {}}
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    """``--set key=value`` items as a mapping (values read as YAML)."""
+    out = {}
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        raw["set"][key.strip()] = yaml.safe_load(value.strip()) if value.strip() else ""
+        out[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else ""
+    return out
+
+
+def from_command_line(base: str | None, sets: list[str], grid: list[str], seeds: str | None, baseline: str | None) -> Sweep:
+    """The sweep that ``flexfed sweep --config --set --grid KEY=V1,V2 --seeds 0,1`` describes."""
+    raw: dict[str, Any] = {"base": base or "quickstart", "set": parse_sets(sets), "grid": {}}
     for item in grid:
         key, sep, values = item.partition("=")
         if not sep or not key.strip():
@@ -307,15 +315,19 @@ def from_command_line(base: str | None, sets: list[str], grid: list[str], seeds:
 def open_sweep(file: str | None, out: str | None, base: str | None = None, sets: list[str] = (), grid: list[str] = (),
                seeds: str | None = None, baseline: str | None = None) -> tuple[Sweep, Path]:
     """The sweep and its directory from a sweep file, the command line, or a sweep directory alone
-    (``--out DIR`` holding sweep.yaml continues that sweep). ``baseline`` overrides the file's."""
+    (``--out DIR`` holding sweep.yaml continues that sweep). ``baseline`` overrides the file's;
+    with a file, ``sets`` add to (and win over) its ``set`` and ``seeds`` replace its seeds."""
     described = bool(base or sets or grid or seeds)
-    if file and described:
-        raise ConfigError("give a sweep file or --config/--set/--grid/--seeds, not both")
+    if file and (base or grid):
+        raise ConfigError("give a sweep file or --config/--grid, not both (--set and --seeds may adjust a sweep file)")
     if file:
         path = Path(file)
         if not path.exists() and path.suffix == "" and packaged_sweep(file).is_file():
             path = packaged_sweep(file)
         sweep = Sweep.load(path)
+        sweep.overrides.update(_overrides(parse_sets(list(sets)), "--set"))
+        if seeds:
+            sweep.seeds = [int(s) for s in seeds.split(",")]
         # Like a run config's output_dir, the file's ``out`` is relative to where flexfed runs.
         sweep_dir = Path(out or (yaml.safe_load(path.read_text()) or {}).get("out") or Path("runs") / path.stem)
     elif described:

@@ -84,7 +84,7 @@ class NodeRuntime:
             import torch
 
             from flexfed.client import LocalTrainer
-            from flexfed.engines.simulation import pick_device
+            from flexfed.client import pick_device
             from flexfed.lora import target_shapes
             from flexfed.models import load_model
             from flexfed.server import Link
