@@ -28,7 +28,6 @@ from flexfed.aggregation.base import Payload, truncate
 from flexfed.client import pick_device
 from flexfed.config import RunConfig
 from flexfed.lora import Adapter, Factors, init_adapter, lora_scale, save_adapter
-from flexfed.models import sha256_file
 from flexfed.resources import RankProfile, max_ranks
 
 log = logging.getLogger(__name__)
@@ -375,6 +374,8 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
         save_file({n: v.contiguous() for n, v in state.sparse.items()}, str(tmp / "sparse.safetensors"))
     meta = {"round": state.round, "scales": scales, "base_scales": base_scales, "metrics": state.metrics, "client_ranks": state.client_ranks}
     (tmp / "state.json").write_text(json.dumps(meta))
+    from flexfed.models import sha256_file  # here: importing models (transformers) costs seconds
+
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         _fsync(tmp / name)
@@ -404,6 +405,8 @@ def verify_checkpoint(path: Path) -> dict:
             raise ValueError("no entry for state.json")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{sums_path}: unreadable ({err})") from None
+    from flexfed.models import sha256_file
+
     for name, expected in sums.items():
         try:
             actual = sha256_file(path / name)
