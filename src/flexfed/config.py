@@ -192,6 +192,40 @@ class TrackingConfig(_Section):
         return self
 
 
+class PrivacyConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg; docs/privacy.md). Off while ``clip_norm`` is null."""
+
+    clip_norm: float | None = Field(None, gt=0)  # S: each client's update is clipped to this norm in its method's space
+    noise_multiplier: float = Field(0.0, ge=0)  # σ: the aggregate gets N(0, (σ S max_i p_i)²) per coordinate
+    delta: float = Field(1e-5, gt=0, lt=1)  # the δ that ε is reported for
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's RDP or PRV accountant
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_norm is not None
+
+
+class RobustConfig(_Section):
+    """Server-side defences against poisoned updates (docs/privacy.md)."""
+
+    norm_bound: float | None = Field(None, ge=1)  # updates above this multiple of the round's median norm are ...
+    norm_bound_action: Literal["reject", "clip"] = "reject"  # ... left out, or clipped to the bound
+    aggregate: Literal["mean", "median", "trimmed_mean"] = "mean"  # coordinate-wise rules: fedit, ffa-lora, fed-sb
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)  # trimmed_mean: share dropped at each end
+
+    @property
+    def enabled(self) -> bool:
+        return self.norm_bound is not None or self.aggregate != "mean"
+
+
+class AttackConfig(_Section):
+    """Simulated attackers, to measure a defence: a seeded share of clients poison their updates."""
+
+    fraction: float = Field(0.0, ge=0, le=1)  # share of the registered clients that attack (0: none)
+    kind: Literal["scale", "sign_flip", "noise"] = "scale"
+    scale: float = 10.0  # kind=scale: the factor on the honest change
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -206,6 +240,9 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    robust: RobustConfig = Field(default_factory=RobustConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -222,6 +259,9 @@ class RunConfig(_Section):
             Aggregator.registry[method](**options)
         except (TypeError, ValueError) as err:
             raise ValueError(f"federation.method_options {options} for {method!r}: {err}") from None
+        from flexfed.aggregation.defences import check_config
+
+        check_config(self)  # privacy / robust settings the method cannot honour
         return self
 
 
@@ -273,7 +313,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

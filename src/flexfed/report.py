@@ -131,6 +131,9 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
     s["client_flops_analytic_mean"] = _mean([c["flops_analytic"] for c in clients if c.get("flops_analytic") is not None])
     s["client_peak_memory_bytes"] = max(peaks) if peaks else None
     s["client_peak_memory_source"] = next((c["peak_memory_source"] for c in clients if "peak_memory_source" in c), None)
+    # privacy: ε(δ) spent by the last recorded round (None: no privacy, or σ = 0)
+    s["epsilon"] = finite_or_none(rows[-1].get("epsilon"))
+    s["privacy"] = {k: _get(cfg, f"privacy.{k}") for k in ("clip_norm", "noise_multiplier", "delta", "accountant")}
     cats = [r for r in rows if isinstance(r.get("rouge_l_unseen_by_category"), dict)]
     if cats:
         first = cats[0]["rouge_l_unseen_by_category"] if cats[0]["round"] == 0 else {}
@@ -349,6 +352,12 @@ def _markdown(sums: list[dict], plots: list[str]) -> str:
             [s["run"], _f(_scaled(s.get("client_flops_mean"), 1e-9), ".4g"), _f(_scaled(s.get("client_flops_analytic_mean"), 1e-9), ".4g"),
              "–" if s.get("client_peak_memory_bytes") is None else f"{human_bytes(s['client_peak_memory_bytes'])} ({s['client_peak_memory_source']})"]
             for s in sums]))
+    private = [s for s in sums if (s.get("privacy") or {}).get("clip_norm") is not None]
+    if private:
+        out += ["", "## Privacy (client-level DP; ε from Opacus's accountant, after the last round)", ""]
+        out.append(table(["run", "ε", "δ", "noise multiplier σ", "clip norm S", "accountant"], [
+            [s["run"], _f(s["epsilon"], ".3g") if s["epsilon"] is not None else "∞ (σ = 0)", _f(s["privacy"]["delta"], ".3g"),
+             _f(s["privacy"]["noise_multiplier"], ".3g"), _f(s["privacy"]["clip_norm"], ".3g"), s["privacy"]["accountant"]] for s in private]))
     cats = sorted({c for s in sums for c in s.get("rouge_l_unseen_by_category", {})})
     if cats:
         out += ["", "## Unseen Rouge-L by category (final, gain over round 0)", ""]

@@ -143,6 +143,7 @@ class Runner:
         sampled = sample_clients(self.config, len(self.federation.clients), round_)
         conversations = {c: self.protocol.conversation(state, round_, c, shares) for c in sampled}
         t0 = time.perf_counter()
+        log.debug("round %d: clients training", round_)  # phase markers (the crash tests kill on them)
         outcomes = self.executor.run(round_, conversations, progress)
         self.time_clients = time.perf_counter() - t0  # the clients' own work: data, training, transport
         updates, weights, records, failures = [], [], [], []
@@ -162,6 +163,7 @@ class Runner:
             })
         time_train = time.perf_counter() - began
         t0 = time.perf_counter()
+        log.debug("round %d: aggregating", round_)
         state = self.protocol.combine(state, round_, updates, weights)
         time_aggregate = time.perf_counter() - t0
         total = sum(r["examples"] for r in records)
@@ -180,6 +182,7 @@ class Runner:
             "time_train_s": time_train,
             "time_aggregate_s": time_aggregate,
             "aggregate_rejected": state.rejected,  # why the previous global was kept, if it was
+            **self.protocol.round_fields(state, round_, [r["id"] for r in records]),
         }
         record.update(self._maybe_evaluate(state))
         record["time_round_s"] = time.perf_counter() - began
@@ -206,6 +209,7 @@ class Runner:
             fh.write(json.dumps(state.metrics[-1]) + "\n")
         if self.tracker is not None:
             self.tracker.log(state.metrics[-1])
+        log.debug("round %d: writing checkpoint", state.round)
         save_checkpoint(self.run_dir, state)
 
     def open_tracker(self, purge_from: int | None = None) -> None:
@@ -243,7 +247,7 @@ class Runner:
         self.protocol.resume(state)
         log.info("round 0: evaluating the untouched model")
         registered = len(self.federation.clients)  # the federation's size; later rounds record only the sampled clients
-        state.metrics = [{"round": 0, "method": self.config.federation.method, "clients_registered": registered, "train_loss": None, **self.evaluate(state)}]
+        state.metrics = [{"round": 0, "method": self.config.federation.method, "clients_registered": registered, "train_loss": None, **self.protocol.round_fields(state, 0, []), **self.evaluate(state)}]
         self.persist(state)
         return state
 

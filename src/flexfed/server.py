@@ -22,6 +22,8 @@ from typing import Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from flexfed import privacy
+from flexfed.aggregation import defences
 from flexfed.aggregation import Aggregator, get_aggregator
 from flexfed.aggregation.base import Payload, truncate
 from flexfed.client import pick_device
@@ -64,6 +66,9 @@ class ServerState:
     # Clients that cut their own ranks (HetLoRA's self-pruning): client id -> module -> rank,
     # what the server serves them from then on; everyone else gets their profile's ranks.
     client_ranks: dict[str, dict[str, int]] = field(default_factory=dict)
+    # What the server's defences (privacy, robust aggregation) did this round; like ``rejected``,
+    # recorded in the round's metrics line, not checkpointed.
+    defence: dict | None = None
 
 
 class Link:
@@ -134,6 +139,7 @@ class Server:
         self.aggregation_device = pick_device(config.federation.server_device)
         self.client_ranks: dict[str, dict[str, int]] = {}  # the current state's (``use_ranks``)
         self._reported_ranks: dict[str, dict[str, int]] = {}  # lower ranks received this round
+        self.defence: dict | None = None  # what the defences did in the last ``aggregate``
 
     def scale(self, rank: int) -> float:
         return lora_scale(rank, self.config.lora.alpha, self.config.lora.rslora)
@@ -175,7 +181,7 @@ class Server:
         """The client's update decoded from its payload and checked; ``UpdateRejected`` otherwise."""
         try:
             update = self.link.receive(payload, self.ranks_of(client))
-        except (KeyError, ValueError, RuntimeError) as err:
+        except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
             raise UpdateRejected(f"client {self.client_ids[client]}: malformed payload: {err}") from None
         self.check_update(client, update)
         ranks = {n: f.rank for n, f in update.items()}
@@ -221,14 +227,34 @@ class Server:
             if norm > bound:
                 raise UpdateRejected(f"{who}: {name} update s·B·A has norm {norm:.4g}, above federation.max_update_ratio={ratio:g} x ‖W0‖_F = {bound:.4g}")
 
-    def aggregate(self, state: ServerState, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> Adapter:
-        device = self.aggregation_device
-        if device.type == "cpu":
-            return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale, previous=state.global_adapter)
-        def moved(adapter: Mapping[str, Factors] | None, to: torch.device) -> Adapter | None:
-            return None if adapter is None else {n: f.to(to) for n, f in adapter.items()}
-        new_global = self.aggregator.aggregate([moved(u, device) for u in updates], weights, self.max_ranks, self.scale, previous=moved(state.global_adapter, device))
-        return moved(new_global, torch.device("cpu"))
+    def aggregate(self, state: ServerState, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float], round_: int | None = None) -> Adapter:
+        def plain(updates, weights):
+            device = self.aggregation_device
+            if device.type == "cpu":
+                return self.aggregator.aggregate(updates, weights, self.max_ranks, self.scale, previous=state.global_adapter)
+
+            def moved(adapter: Mapping[str, Factors] | None, to: torch.device) -> Adapter | None:
+                return None if adapter is None else {n: f.to(to) for n, f in adapter.items()}
+
+            new_global = self.aggregator.aggregate([moved(u, device) for u in updates], weights, self.max_ranks, self.scale, previous=moved(state.global_adapter, device))
+            return moved(new_global, torch.device("cpu"))
+
+        self.defence = None
+        if not defences.is_defended(self.config):
+            return plain(updates, weights)
+        # ---- privacy / robust aggregation (flexfed.aggregation.defences): each update measured about its start
+        starts = [self.aggregator.distribute(state.global_adapter, {n: f.rank for n, f in u.items()}, self.scale) for u in updates]
+        seed = derived_seed(self.config.seed, "dp-noise", state.round + 1 if round_ is None else round_)
+        new, self.defence = defences.defended_aggregate(self.config, self.aggregator, plain, state.global_adapter, starts, updates, weights, self.link, seed)
+        return new
+
+    def epsilon(self, round_: int) -> float | None:
+        """ε(privacy.delta) spent after ``round_`` rounds (None without privacy or noise: no guarantee)."""
+        p = self.config.privacy
+        if not p.enabled or (p.noise_multiplier == 0 and round_ > 0):
+            return None
+        rate = len(self.sample(1)) / len(self.client_ids)  # clients per round / clients registered
+        return privacy.epsilon(p.noise_multiplier, rate, round_, p.delta, p.accountant)
 
     def advance(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> ServerState:
         """The state after ``round_``: aggregate (if enough clients reported); the method's hooks say
@@ -242,15 +268,16 @@ class Server:
             log.warning("round %d: %d clients reported, fewer than min_clients=%d; global model unchanged", round_, len(updates), self.config.federation.min_clients)
             return unchanged
         try:
-            new_global = self.aggregate(state, updates, weights)
+            new_global = self.aggregate(state, updates, weights, round_)
             self.check_bounded(new_global, f"round {round_}'s aggregate")
             base_update = self.aggregator.accumulate(state.base_update, new_global, self.scale)
             self.check_bounded(base_update, f"round {round_}'s merged update")
         except (ValueError, RuntimeError, FloatingPointError) as err:  # UpdateRejected, LinAlgError among them
             unchanged.rejected = f"{type(err).__name__}: {err}"
+            unchanged.defence = self.defence
             log.warning("round %d: aggregate refused, global model unchanged: %s", round_, unchanged.rejected)
             return unchanged
-        return ServerState(round=round_, global_adapter=new_global, metrics=state.metrics, base_update=base_update, client_ranks=unchanged.client_ranks)
+        return ServerState(round=round_, global_adapter=new_global, metrics=state.metrics, base_update=base_update, client_ranks=unchanged.client_ranks, defence=self.defence)
 
     def base_delta(self, state: ServerState) -> dict[str, torch.Tensor]:
         """What the base weights carry beyond W0 in ``state`` (dense, per module)."""
@@ -277,8 +304,24 @@ class Server:
 _CHECKPOINTS = "checkpoints"
 
 
+_SUMS = "SHA256SUMS"  # written last: a checkpoint whose files do not match it is damaged
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a run can be read back intact."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
-    """Write the state to ``checkpoints/round-NNNN`` atomically (write aside, then rename)."""
+    """Write the state to ``checkpoints/round-NNNN`` atomically (write aside, fsync, then rename),
+    with the SHA-256 of every file in ``SHA256SUMS`` so a damaged one is detected on resume."""
     root = Path(run_dir) / _CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{state.round:04d}"
@@ -291,32 +334,82 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
         save_file({n: v.contiguous() for n, v in state.sparse.items()}, str(tmp / "sparse.safetensors"))
     meta = {"round": state.round, "scales": scales, "base_scales": base_scales, "metrics": state.metrics, "client_ranks": state.client_ranks}
     (tmp / "state.json").write_text(json.dumps(meta))
-    with open(tmp / "state.json", "rb") as fh:
-        os.fsync(fh.fileno())
+    from flexfed.models import sha256_file  # here: importing models (transformers) costs seconds
+
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    (tmp / _SUMS).write_text(json.dumps({name: sha256_file(tmp / name) for name in files}))
+    _fsync(tmp / _SUMS)
+    _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync(root)
     for old in sorted(root.glob("round-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _newest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((Path(run_dir) / _CHECKPOINTS).glob("round-*"))
-    return found[-1] if found else None
+def verify_checkpoint(path: Path) -> dict:
+    """The checkpoint's state.json, after checking every file against ``SHA256SUMS``;
+    ``CheckpointError`` naming the file if one is missing, truncated or altered."""
+    sums_path = path / _SUMS
+    if not sums_path.exists() and (path / "state.json").exists():  # written before checksums existed
+        try:
+            return json.loads((path / "state.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path / 'state.json'}: unreadable ({err})") from None
+    try:
+        sums = json.loads(sums_path.read_text())
+        if not isinstance(sums, dict) or "state.json" not in sums:
+            raise ValueError("no entry for state.json")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{sums_path}: unreadable ({err})") from None
+    from flexfed.models import sha256_file
+
+    for name, expected in sums.items():
+        try:
+            actual = sha256_file(path / name)
+        except OSError as err:
+            raise CheckpointError(f"{path / name}: unreadable ({err})") from None
+        if actual != expected:
+            raise CheckpointError(f"{path / name}: SHA-256 {actual[:12]}… does not match {_SUMS} ({str(expected)[:12]}…): truncated or corrupted")
+    try:
+        return json.loads((path / "state.json").read_text())
+    except ValueError as err:  # checksummed yet unparsable: written so by a bug, not by a crash
+        raise CheckpointError(f"{path / 'state.json'}: not valid JSON ({err})") from None
+
+
+def _intact_checkpoints(run_dir: Path):
+    """(path, state.json) of each intact checkpoint, newest first; damaged ones are logged and skipped."""
+    damaged = []
+    for path in sorted((Path(run_dir) / _CHECKPOINTS).glob("round-*"), reverse=True):
+        try:
+            yield path, verify_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("checkpoint %s is damaged, trying the previous one: %s", path.name, err)
+            damaged.append(str(err))
+    if damaged:
+        raise CheckpointError(f"{Path(run_dir) / _CHECKPOINTS}: no intact checkpoint: " + "; ".join(damaged))
+
+
+def _newest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    return next(_intact_checkpoints(run_dir), None)
 
 
 def checkpoint_round(run_dir: Path) -> int | None:
-    """The round of a run's newest checkpoint (what --resume continues after) without loading its tensors."""
-    path = _newest_checkpoint(run_dir)
-    return None if path is None else json.loads((path / "state.json").read_text())["round"]
+    """The round of a run's newest intact checkpoint (what --resume continues after)."""
+    found = _newest_checkpoint(run_dir)
+    return None if found is None else found[1]["round"]
 
 
 def load_checkpoint(run_dir: Path) -> ServerState | None:
-    """The newest complete checkpoint of a run, or None if it has none."""
-    path = _newest_checkpoint(run_dir)
-    if path is None:
+    """The newest intact checkpoint of a run (a damaged newest one falls back to the one before),
+    or None if it has none; ``CheckpointError`` if it has some but none is intact."""
+    found = _newest_checkpoint(run_dir)
+    if found is None:
         return None
-    meta = json.loads((path / "state.json").read_text())
+    path, meta = found
     adapter = _load_factors(path / "global.safetensors", meta["scales"])
     base_update = _load_factors(path / "base_update.safetensors", meta.get("base_scales", {}))
     sparse_values = load_file(str(path / "sparse.safetensors")) if (path / "sparse.safetensors").exists() else {}

@@ -60,6 +60,10 @@ def payload_parts(payload: Mapping[str, Tensor], modules: Sequence[str], parts: 
     if set(payload) != expected:
         diff = sorted(set(payload) ^ expected)
         raise ValueError(f"payload does not match the modules (unexpected or missing: {diff[:3]})")
+    for key in sorted(expected):
+        t = payload[key]
+        if not isinstance(t, Tensor) or t.ndim != 2:
+            raise ValueError(f"payload {key} is {'a tensor of shape ' + str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__}, expected a matrix")
     return {m: {p: payload[payload_key(m, p)] for p in parts} for m in modules}
 
 

@@ -20,8 +20,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from flexfed import attacks
 from flexfed.aggregation import sparse
-from flexfed.aggregation.base import Aggregator
+from flexfed.aggregation.base import Aggregator, truncate
 from flexfed.client import CLIENT_ERRORS, ClientResult
 from flexfed.config import RunConfig
 from flexfed.lora import module_kind
@@ -77,6 +78,8 @@ class WeightsProtocol(Protocol):
             self.server = Server(config, self.shapes, profiles, assignment, [c.client_id for c in clients], base_norms)
             check_method(config, self.server.aggregator, profiles)
             self.link = self.server.link
+        a = config.attack
+        self.attackers = attacks.attackers([c.client_id for c in setup.federation.clients], a.fraction, derived_seed(config.seed, "attackers")) if serve and a.fraction else set()
         stage = config.federation.sparse_stage
         self.sparse = SparseStage(self, sparse.sparse_indices(self.shapes, stage.density, derived_seed(config.seed, "sparse"))) if stage.rounds else None
 
@@ -118,6 +121,14 @@ class WeightsProtocol(Protocol):
             sent = ranks_by_kind({n: f.rank for n, f in update.items()})
             if sent != fields["ranks"]:  # the client cut its own rank (HetLoRA's self-pruning)
                 fields["ranks_sent"] = sent
+        if s.client_ids[client] in self.attackers:
+            fields["attacker"] = True
+        return fields
+
+    def round_fields(self, state: ServerState, round_: int, reported) -> dict:
+        fields = {"epsilon": self.server.epsilon(round_)}  # privacy: ε(privacy.delta) spent so far (null: no guarantee)
+        if state.defence is not None:  # what privacy / robust aggregation did, indices mapped to client ids
+            fields["defence"] = {k: ([reported[i] for i in v] if k in ("rejected", "clipped") else v) for k, v in state.defence.items()}
         return fields
 
     # ------------------------------------------------------------------ the exchange
@@ -129,8 +140,23 @@ class WeightsProtocol(Protocol):
         ranks = s.ranks_of(client)
         modules = sorted(ranks)
         meta = {"stage": "lora", "client": s.client_ids[client], "round": round_, "seed": s.client_seed(round_, client), "shares_base": shares_base}
-        reply = yield Message(s.downlink(state, client, shares_base), {**meta, "modules": modules, "ranks": [ranks[m] for m in modules]})
-        return s.receive(client, reply.arrays)
+        down = s.downlink(state, client, shares_base)
+        reply = yield Message(down, {**meta, "modules": modules, "ranks": [ranks[m] for m in modules]})
+        up = reply.arrays
+        if s.client_ids[client] in self.attackers:  # simulated attackers (config ``attack``) send a poisoned update
+            up = self.poison(round_, client, down, up)
+        return s.receive(client, up)
+
+    def poison(self, round_: int, client: int, down, up):
+        """The payload ``up`` as an attacker would send it (``flexfed.attacks``)."""
+        s, link = self.server, self.link
+        ranks = s.ranks_of(client)
+        trained = link.receive(up, ranks)
+        start = link.start(down, ranks, s.client_seed(round_, client))
+        start = {n: truncate(f, trained[n].rank, trained[n].scale) for n, f in start.items()}  # a client that pruned (HetLoRA)
+        seed = derived_seed(self.config.seed, "attack", round_, s.client_ids[client])
+        poisoned = attacks.poison(self.config.attack.kind, link.aggregator.trainable, start, trained, self.config.attack.scale, seed)
+        return link.send(poisoned, {n: f.rank for n, f in poisoned.items()})
 
     def serve(self, setup, messages: Sequence[Message], on_done=None) -> list[Message | Exception]:
         if messages and messages[0].meta.get("stage") == "sparse":

@@ -11,6 +11,7 @@ from flexfed.data.sampling import rng, subsample
 from flexfed.data.types import Example, Task
 
 DEFAULT_CATEGORY = "general"
+MAX_LINE_BYTES = 16 << 20  # one JSONL record above this is refused (a sign of a broken file, not an example)
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -152,6 +153,13 @@ def _records(file: Path) -> Iterator[tuple[str, dict]]:
     """Yield ``(location, record)``; the location ("file:line" or "file[item]") prefixes errors."""
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file")
+    try:
+        yield from _decoded_records(file)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not UTF-8 text (byte {err.start} of a read block: {err.reason})") from None
+
+
+def _decoded_records(file: Path) -> Iterator[tuple[str, dict]]:
     with open(file, encoding="utf-8") as f:
         if file.suffix == ".json":
             try:
@@ -171,6 +179,8 @@ def _records(file: Path) -> Iterator[tuple[str, dict]]:
 
 def _json_lines(file: Path, f) -> Iterator[tuple[str, Any]]:
     for line_no, line in enumerate(f, start=1):
+        if len(line) > MAX_LINE_BYTES:
+            raise ValueError(f"{file}:{line_no}: line of {len(line) / (1 << 20):.1f} MiB, above the {MAX_LINE_BYTES >> 20} MiB a record may take")
         if not line.strip():
             continue
         try:

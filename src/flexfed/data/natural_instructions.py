@@ -47,6 +47,8 @@ def load_natural_instructions(
 def _load_task(file: Path, max_examples: int | None, positive_examples: int, seed: int) -> Task:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
