@@ -200,10 +200,11 @@ class LocalTrainer:
     def merged(self, adapter: Adapter) -> Iterator[torch.nn.Module]:
         """The model with ``adapter`` folded into its base weights, for inference.
 
-        Decoding through PEFT's LoRA layers takes about twice as long as a plain forward on a CPU
-        (with SmolLM2 and 7 target projections: 210 extra pairs of small GEMMs per generated
-        token). The base weight tensors are swapped, not updated in place, and put back
-        untouched, so training afterwards sees bit-identical weights.
+        Decoding through PEFT's LoRA layers adds a pair of small GEMMs per adapted module and
+        generated token (210 with SmolLM2 and 7 target projections): 9% of the decoding time on
+        an idle CPU, 3x on one shared with other jobs (``benchmarks/evaluation.py``). The base
+        weight tensors are swapped, not updated in place, and put back untouched, so training
+        afterwards sees bit-identical weights.
         """
         self.activate(adapter)
         layers = lora_modules(self.peft_model)
