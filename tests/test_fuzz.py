@@ -15,7 +15,8 @@ from flexfed.data.natural_instructions import load_natural_instructions
 from flexfed.resources import client_profiles
 from flexfed.server import Server, UpdateRejected
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True,  # the same examples on every run: CI must not pass or fail by chance
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 SHAPES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.bool, torch.complex64]
 VALUES = [0.0, 1.0, -1.0, 1e-45, 5e-324, 1e38, 3.4e38, 1e300, float("nan"), float("inf"), -float("inf")]
@@ -82,7 +83,9 @@ def test_malformed_payloads_are_refused_naming_the_client_and_leave_the_global_u
         else:  # accepted: then it is a well-formed, finite, bounded update
             server.check_update(client, update)
             after = server.advance(state, 1, [update], [1.0])
-            assert after.rejected is None or "aggregate" in after.rejected
+            if after.rejected is not None:  # refused at aggregation (e.g. an SVD that cannot converge): nothing of it kept
+                for n, f in after.global_adapter.items():
+                    assert torch.equal(f.a, before[n][0]) and torch.equal(f.b, before[n][1])
         for n, f in state.global_adapter.items():
             assert torch.equal(f.a, before[n][0]) and torch.equal(f.b, before[n][1])
 
