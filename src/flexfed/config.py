@@ -251,10 +251,15 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check_method(self):
         from flexfed.aggregation import Aggregator
+        from flexfed.protocol import FAMILIES
 
         method, options = self.federation.method, self.federation.method_options
+        if method in FAMILIES:  # a protocol of its own: its config section holds its options
+            if options:
+                raise ValueError(f"federation.method_options {options}: {method!r} takes its options from its own config section")
+            return self
         if method not in Aggregator.registry:
-            raise ValueError(f"federation.method {method!r} is not one of {sorted(Aggregator.registry)}")
+            raise ValueError(f"federation.method {method!r} is not one of {sorted([*Aggregator.registry, *FAMILIES])}")
         try:  # the method's constructor checks its options: a typo fails here, before any work
             Aggregator.registry[method](**options)
         except (TypeError, ValueError) as err:

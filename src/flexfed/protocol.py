@@ -40,6 +40,16 @@ class Message:
 Conversation = Generator[Message, Message, object]  # yields what it sends, receives replies, returns the update
 
 
+# The methods that are protocols of their own (not a weights-protocol aggregator), by the
+# ``module:Class`` that implements them; imported only when a run selects one.
+FAMILIES: dict[str, str] = {}
+
+
+def family_of(method: str) -> str | None:
+    """The ``module:Class`` of ``method``'s protocol, or None when it exchanges weights."""
+    return FAMILIES.get(method)
+
+
 class Protocol(ABC):
     """A federated tuning protocol; see the module docstring for the hooks."""
 

@@ -40,10 +40,19 @@ class RunExists(RuntimeError):
 
 
 def build_protocol(setup: Setup, serve: bool = True) -> Protocol:
-    """The run's protocol (every method today exchanges weights); ``serve=False``: a node's end."""
-    from flexfed.aggregation.weights import WeightsProtocol
+    """The run's protocol: its method's family (``protocol.FAMILIES``), else the weights
+    protocol with the method as its aggregator; ``serve=False``: a node's end."""
+    import importlib
 
-    return WeightsProtocol(setup, serve)
+    from flexfed.protocol import family_of
+
+    target = family_of(setup.config.federation.method)
+    if target is None:
+        from flexfed.aggregation.weights import WeightsProtocol
+
+        return WeightsProtocol(setup, serve)
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(setup, serve)
 
 
 class Executor:
