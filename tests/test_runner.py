@@ -210,7 +210,9 @@ def test_the_formula_gives_the_specs_figure_for_a_smollm2_training_token():
     assert body_per_token == pytest.approx(0.42e9, rel=0.02)
 
 
-def test_flops_are_counted_on_a_sampled_step_and_match_the_formula_on_a_direct_train():
+def _direct_trainer():
+    """A trainer of a tiny Llama with a small head (so that the body and attention terms
+    dominate) and twelve random examples of 20-60 tokens, 3-15 of them labelled."""
     import random
 
     from flexfed.client import LocalTrainer
@@ -219,7 +221,7 @@ def test_flops_are_counted_on_a_sampled_step_and_match_the_formula_on_a_direct_t
     from flexfed.lora import init_adapter, target_shapes
     from flexfed.models import tiny_llama
 
-    model = tiny_llama(vocab_size=64)  # a small head, so that the body and attention terms dominate
+    model = tiny_llama(vocab_size=64)
     lora = LoraConfig(rank=4, target_modules=["q_proj", "v_proj", "up_proj"])
     shapes = target_shapes(model, lora.target_modules)
     trainer = LocalTrainer(model, lora, TrainingConfig(local_steps=3, batch_size=4, precision="fp32"), 0)
@@ -229,5 +231,31 @@ def test_flops_are_counted_on_a_sampled_step_and_match_the_formula_on_a_direct_t
         n, r = rng.randint(20, 60), rng.randint(3, 15)
         ids = [rng.randint(3, 60) for _ in range(n)]
         examples.append(EncodedExample(ids, [-100] * (n - r) + ids[n - r :], False, False))
-    result = trainer.train("c", init_adapter(shapes, dict.fromkeys(shapes, 4), lora.alpha, False, 0), examples, 0)
+    return trainer, init_adapter(shapes, dict.fromkeys(shapes, 4), lora.alpha, False, 0), examples
+
+
+def test_flops_are_counted_on_a_sampled_step_and_match_the_formula_on_a_direct_train():
+    trainer, start, examples = _direct_trainer()
+    result = trainer.train("c", start, examples, 0)
     assert abs(result.cost["flops"] / result.cost["flops_analytic"] - 1) < FLOP_TOLERANCE, result.cost
+
+
+def test_a_counted_step_is_bit_identical_to_an_uncounted_one_and_counts_what_pytorch_counts(monkeypatch):
+    """Counting must not touch the numerics (a run's result cannot depend on which of its steps
+    were counted); the count is PyTorch's own (``FlopCounterMode``) total for the same step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flexfed.cost import StepCost
+
+    trainer, start, examples = _direct_trainer()
+    counted = trainer.train("c", start, examples, 0)
+    monkeypatch.setattr(StepCost, "flop_counter", lambda self: None)
+    uncounted = trainer.train("c", start, examples, 0)
+    assert counted.losses == uncounted.losses
+    for name, f in counted.adapter.items():
+        assert torch.equal(f.a, uncounted.adapter[name].a) and torch.equal(f.b, uncounted.adapter[name].b), name
+
+    first_step = []
+    monkeypatch.setattr(StepCost, "flop_counter", lambda self: first_step.append(FlopCounterMode(display=False)) or first_step[-1] if self.counted is None else None)
+    reference = trainer.train("c", start, examples, 0)
+    assert reference.cost["flops"] == counted.cost["flops"] and first_step[0].get_total_flops() > 0

@@ -31,9 +31,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from flexfed.aggregation.base import LocalRule
+from flexfed.cost import FlopCount
 from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, batch_schedule, collate, response_token_losses
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
@@ -228,7 +228,7 @@ class MultiClientTrainer:
         A method's ``rule`` adds each client's penalty on its own factors to that client's loss
         (as in ``LocalTrainer._fit``); the recorded losses stay the data losses."""
         costs = [c.cost for c in active if c.cost]
-        counter = FlopCounterMode(display=False) if any(c.counted is None for c in costs) else None
+        counter = FlopCount() if any(c.counted is None for c in costs) else None
         for c in costs:
             c.reset_peak()
         with counter or nullcontext():
