@@ -345,7 +345,7 @@ def _markdown(sums: list[dict], plots: list[str]) -> str:
         [s["run"], *(human_bytes(s[k]) for k in ("bytes_up", "bytes_down", "bytes_total")), f"{s['tokens_trained']:,.0f}",
          *(human_seconds(s[k]) for k in ("time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s"))] for s in sums]))
     if any(s.get("client_flops_mean") is not None for s in sums):
-        out += ["", "Per client and round: FLOPs counted on a sampled step (FlopCounterMode) and by formula "
+        out += ["", "Per client and round: FLOPs counted on a sampled step (PyTorch's flop formulas) and by formula "
                 "(flexfed.cost), and the largest peak training memory of any client (*cuda_max_allocated*: CUDA's "
                 "allocation high-water mark; *estimate*: resources.TrainingMemory, on a CPU).", ""]
         out.append(table(["run", "client GFLOP / round", "by formula", "client peak memory"], [
