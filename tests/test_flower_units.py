@@ -246,6 +246,97 @@ def test_bad_or_missing_updates_are_left_out_with_a_reason(tiny_config, task_ide
     assert record["wire_bytes_up"] == client["wire_bytes_up"]
 
 
+class FlakyGrid(ScriptedGrid):
+    """``ScriptedGrid`` whose node 102 disconnects once it has answered in round 1."""
+
+    def __init__(self, sabotage):
+        super().__init__(sabotage)
+        self.nodes = [101, 102]
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def _answer(self, m):
+        reply = super()._answer(m)
+        if m.metadata.dst_node_id == 102 and m.metadata.group_id == "1":
+            self.nodes = [101]
+        return reply
+
+
+def test_a_deployment_counts_only_bytes_a_reply_confirms_names_dead_nodes_and_writes_its_report(tiny_config, task_identity):
+    from flexfed.engines.flower.serverapp import serve_run
+
+    config = tiny_config("federation.rounds=2", "federation.sample_fraction=0.14", "flower.round_timeout=3", "flower.node_concurrency=8", "eval.every=2", "eval.seen_examples=2", "eval.unseen_examples=2")
+    engine = FlowerEngine(config, grid=None)
+    ids = [c.client_id for c in engine.federation.clients]
+    first, second = engine.server.sample(1), engine.server.sample(2)
+    silent, failing = ids[first[0]], ids[first[1]]
+    grid = FlakyGrid({silent: "silent", failing: "error"})
+    serve_run(grid, {"flexfed-config": dump(config)})
+
+    rounds = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    for record in rounds:  # the round's totals are the bytes confirmed sent, failed clients' included
+        assert record["bytes_down"] == sum(c["bytes_down"] for c in record["clients"] + record["clients_failed"])
+        assert record["wire_bytes_down"] == sum(c.get("wire_bytes_down", 0) for c in record["clients"] + record["clients_failed"])
+    failed = {f["id"]: f for f in rounds[0]["clients_failed"]}
+    assert "deadline" in failed[silent]["reason"]
+    assert failed[silent]["bytes_down"] == failed[silent]["wire_bytes_down"] == 0
+    assert failed[silent]["bytes_down_unconfirmed"] > 0 and failed[silent]["wire_bytes_down_unconfirmed"] > failed[silent]["bytes_down_unconfirmed"]
+    assert failed[failing]["bytes_down"] > 0 and "bytes_down_unconfirmed" not in failed[failing]  # its node answered: it arrived
+
+    # Round 2: node 102 (odd client indices) is gone; its clients are still sampled and fail naming it.
+    gone = [ids[c] for c in second if c % 2 == 1]
+    assert gone, "the seed must sample a client of node 102 in round 2"
+    failed = {f["id"]: f for f in rounds[1]["clients_failed"]}
+    for client in gone:
+        assert f"client {client}: its SuperNode 102 is not connected" in failed[client]["reason"]
+        assert failed[client]["node"] == "102" and failed[client]["bytes_down"] == 0
+    assert {c["id"] for c in rounds[1]["clients"]} == {ids[c] for c in second if c % 2 == 0}
+    assert (config.run_dir / "report" / "summary.md").exists()
+
+
+class Absent:
+    """A grid where no SuperNode ever connects."""
+
+    def get_node_ids(self):
+        return []
+
+
+def test_a_bad_submission_is_refused_in_one_log_line_before_any_wait(tiny_config, caplog):
+    import time
+
+    from flexfed.engines.flower.serverapp import serve_run
+
+    config = tiny_config("flower.node_wait_timeout=600", "eval.seen_examples=2", "eval.unseen_examples=2")
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / "metrics.jsonl").write_text("{}\n")
+    cases = [
+        ({"flexfed-config": dump(config)}, ["already holds a run", "'resume=true'", "'overwrite=true'"]),
+        ({"flexfed-config-file": "tiny", "flexfed-set": "training.lr=-1"}, ["training.lr", "greater than 0"]),
+        ({"flexfed-config-file": "tiny", "flexfed-set": "federation.method=nope"}, ["federation.method", "'nope'"]),
+    ]
+    for run_config, words in cases:
+        caplog.clear()
+        began = time.monotonic()
+        with pytest.raises(SystemExit):
+            serve_run(Absent(), run_config)
+        assert time.monotonic() - began < 30  # not the 600 s wait for SuperNodes
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "\n" not in errors[0].getMessage(), errors
+        assert all(w in errors[0].getMessage() for w in words), errors[0].getMessage()
+
+
+def test_the_wait_for_supernodes_says_who_is_there_and_how_long_is_left(tiny_config, caplog):
+    from flexfed.engines.flower.serverapp import NodeFailure
+
+    config = tiny_config("flower.min_nodes=2", "flower.node_wait_timeout=1")
+    engine = FlowerEngine(config, grid=Absent())
+    with caplog.at_level("INFO"), pytest.raises(NodeFailure, match="0 SuperNodes connected within flower.node_wait_timeout=1 s"):
+        engine.executor.wait_for_nodes()
+    (line,) = [r.getMessage() for r in caplog.records if "waiting for SuperNodes" in r.getMessage()]
+    assert "0 of flower.min_nodes=2 connected [], 2 missing" in line and "s left" in line
+
+
 # ----------------------------------------------------------------------------- the node's trainer worker
 
 

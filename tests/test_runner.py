@@ -165,7 +165,7 @@ def test_the_flower_engine_is_the_runner_with_another_executor():
     from flexfed.engines.flower.serverapp import FlowerEngine
 
     own = {k for k in vars(FlowerEngine) if not k.startswith("__")}
-    assert own == {"grid"}  # no round, start or evaluation of its own: only the executor differs
+    assert own == {"grid", "resume_hint"}  # no round, start or evaluation of its own: only the executor (and how a user resumes) differ
 
 
 # ----------------------------------------------------------------------------- client cost

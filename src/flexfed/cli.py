@@ -213,7 +213,7 @@ def _add_flower_parser(sub) -> None:
 
     link = fsub.add_parser("superlink", help="start flower-superlink with TLS and SuperNode authentication")
     link.add_argument("--certs", help="directory written by `flexfed flower certs`")
-    link.add_argument("--host", default="0.0.0.0")
+    link.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, as flower-superlink; 0.0.0.0 for SuperNodes on other machines)")
     link.add_argument("--port", type=int, default=9092)
     link.add_argument("--database", help="SQLite file for the SuperLink's state (default: in memory)")
     link.add_argument("--no-auth", action="store_true", help="accept any SuperNode (no authentication)")

@@ -118,7 +118,13 @@ class Outcome:
 @dataclass
 class Failure:
     error: Exception
-    bytes_down: int
+    bytes_down: int  # of the messages a reply confirmed the client received
+    bytes_unconfirmed: int = 0  # of the last message, when no reply confirms it arrived
+
+
+class Unconfirmed(Exception):
+    """No reply confirms that the client received the message (it was never sent, or its node
+    never answered): the message's bytes are not counted as sent."""
 
 
 Deliver = Callable[[dict[int, Message]], Mapping[int, "Message | Exception"]]
@@ -128,7 +134,7 @@ def converse(conversations: Mapping[int, Conversation], deliver: Deliver) -> dic
     """Drive every client's conversation to its end, one wave of messages at a time.
 
     ``deliver`` sends a wave (client -> message) and returns each reply or the error that stands
-    for it (missing: no reply). A client whose reply is an error, or whose conversation raises
+    for it (missing: no reply, ``Unconfirmed``). A client whose reply is an error, or whose conversation raises
     (its update is refused), fails alone; the others go on."""
     out: dict[int, Outcome | Failure] = {}
     down = dict.fromkeys(conversations, 0)
@@ -153,9 +159,10 @@ def converse(conversations: Mapping[int, Conversation], deliver: Deliver) -> dic
         wave, pending = pending, {}
         replies = deliver(wave)
         for c in wave:
-            reply = replies.get(c, TimeoutError("no reply"))
+            reply = replies.get(c, Unconfirmed("no reply"))
             if isinstance(reply, Exception):
-                out[c] = Failure(reply, down[c])
+                unconfirmed = wave[c].nbytes if isinstance(reply, Unconfirmed) else 0
+                out[c] = Failure(reply, down[c] - unconfirmed, unconfirmed)
                 conversations[c].close()
                 continue
             up[c] += reply.nbytes

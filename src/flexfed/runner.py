@@ -39,6 +39,9 @@ class RunExists(RuntimeError):
     pass
 
 
+CLI_HINT = "use --resume to continue it or --overwrite to start over"
+
+
 def build_protocol(setup: Setup, serve: bool = True) -> Protocol:
     """The run's protocol: its method's family (``protocol.FAMILIES``), else the weights
     protocol with the method as its aggregator; ``serve=False``: a node's end."""
@@ -53,6 +56,17 @@ def build_protocol(setup: Setup, serve: bool = True) -> Protocol:
         return WeightsProtocol(setup, serve)
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)(setup, serve)
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, hint: str = CLI_HINT) -> ServerState | None:
+    """The checkpoint to resume from; ``RunExists`` if the run directory cannot be used
+    (``hint``: how to continue or replace it on the engine at hand)."""
+    state = load_checkpoint(run_dir) if resume else None
+    if resume and state is None:
+        raise RunExists(f"{run_dir}: nothing to resume (no checkpoint)")
+    if state is None and not overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        raise RunExists(f"{run_dir} already holds a run; {hint}")
+    return state
 
 
 class Executor:
@@ -160,7 +174,8 @@ class Runner:
             shard, outcome = self.federation.clients[c], outcomes[c]
             if isinstance(outcome, Failure):
                 log.warning("round %d: client %s left out: %s", round_, shard.client_id, outcome.error)
-                failures.append({"id": shard.client_id, "reason": f"{type(outcome.error).__name__}: {outcome.error}", "bytes_down": outcome.bytes_down})
+                failures.append({"id": shard.client_id, "reason": f"{type(outcome.error).__name__}: {outcome.error}", "bytes_down": outcome.bytes_down,
+                                 **({"bytes_down_unconfirmed": outcome.bytes_unconfirmed} if outcome.bytes_unconfirmed else {})})
                 continue
             s = outcome.stats
             updates.append(outcome.update)
@@ -227,16 +242,20 @@ class Runner:
 
             self.tracker = Trackers(self.config, self.run_dir, purge_from)
 
+    # How a user asks to continue or replace a run directory on this engine (Flower: run config keys).
+    resume_hint = CLI_HINT
+
     def start(self, resume: bool, overwrite: bool) -> ServerState:
+        checkpoint = self.check_run_dir(resume, overwrite)  # before the executor waits for anyone
         self.executor.open()
-        state = self._start(resume, overwrite)
+        state = self._start(checkpoint, overwrite)
         self.executor.opened()
         return state
 
-    def _start(self, resume: bool, overwrite: bool) -> ServerState:
-        state = load_checkpoint(self.run_dir) if resume else None
-        if resume and state is None:
-            raise RunExists(f"{self.run_dir}: nothing to resume (no checkpoint)")
+    def check_run_dir(self, resume: bool, overwrite: bool) -> ServerState | None:
+        return check_run_dir(self.run_dir, resume, overwrite, self.resume_hint)
+
+    def _start(self, state: ServerState | None, overwrite: bool) -> ServerState:
         if state is not None:
             self.protocol.resume(state)
             log.info("resuming %s after round %d", self.run_dir, state.round)
@@ -245,9 +264,7 @@ class Runner:
                 fh.writelines(json.dumps(m) + "\n" for m in state.metrics)
             self.open_tracker(purge_from=state.round + 1)  # and so do the trackers' points past it
             return state
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not overwrite:
-                raise RunExists(f"{self.run_dir} already holds a run; use --resume to continue it or --overwrite to start over")
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):  # overwrite: checked by ``check_run_dir``
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(config_lib.dump(self.config))

@@ -128,7 +128,7 @@ def _bin(name: str) -> str:
 
 def superlink_command(
     port: int = DEFAULT_PORT,
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
     certs: str | Path | None = None,
     auth: bool = True,
     database: str | Path | None = None,

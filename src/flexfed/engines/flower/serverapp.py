@@ -35,22 +35,27 @@ from flexfed.config import RunConfig
 from flexfed.engines.flower.clientapp import ADAPTER, CONFIG, RESULT
 from flexfed.engines.flower.wire import array_bytes, decode_payload, encode_payload, from_record, message_bytes, to_record
 from flexfed.protocol import Message as ProtocolMessage
-from flexfed.protocol import converse
+from flexfed.protocol import Unconfirmed, converse
 from flexfed.runner import Executor, Runner
 from flexfed.server import UpdateRejected
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25  # seconds between pulls for replies
-QUERY_TIMEOUT_S = 60.0  # at most this long for a node to say which clients it hosts
+QUERY_TIMEOUT_S = 60.0
+WAIT_LOG_S = 15.0  # seconds between log lines while waiting for SuperNodes  # at most this long for a node to say which clients it hosts
 
 
 class NodeFailure(RuntimeError):
     """A client's node did not deliver its update (no node, error reply, deadline)."""
 
 
-class DeadlineMissed(NodeFailure):
-    """No reply before the deadline."""
+class NotSent(NodeFailure, Unconfirmed):
+    """The message never left the SuperLink (no connected node hosts the client, or the push failed)."""
+
+
+class DeadlineMissed(NodeFailure, Unconfirmed):
+    """No reply before the deadline: whether the node received the message is unknown."""
 
 
 class Exchange:
@@ -86,7 +91,7 @@ class Exchange:
             else:
                 reason = "the SuperLink refused the message"
             if not mid:
-                self.out[key] = NodeFailure(f"node {node}: {reason}")
+                self.out[key] = NotSent(f"node {node}: {reason}")
                 continue
             self.inflight[mid] = (key, node)
 
@@ -134,9 +139,11 @@ class FlowerExecutor(Executor):
     def __init__(self, grid: Grid):
         self.grid = grid
         self.host: dict[int, int] = {}  # client index -> node id
+        self.last_host: dict[int, int] = {}  # client index -> the node that last hosted it (connected or not)
         self.hosted_by: dict[int, list[int]] = {}  # node id -> client indices, in query order
         self._wire: dict[str, dict] = {}  # client id -> wire byte counts of this round
         self._pending = None
+        self._sent: dict[int, int] = {}  # client index -> wire bytes of its message in this wave
 
     def attach(self, runner) -> None:
         super().attach(runner)
@@ -147,14 +154,23 @@ class FlowerExecutor(Executor):
     # ------------------------------------------------------------------ nodes
 
     def wait_for_nodes(self) -> list[int]:
+        """Wait for ``flower.min_nodes`` SuperNodes, saying every ``WAIT_LOG_S`` who is there and
+        how long is left (the run directory is checked before: nothing fails after the wait)."""
         f = self.config.flower
         deadline = time.monotonic() + f.node_wait_timeout
+        next_log = time.monotonic()
         while True:
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) >= f.min_nodes:
+                log.info("%d SuperNodes connected (flower.min_nodes=%d): %s", len(nodes), f.min_nodes, nodes)
                 return nodes
-            if time.monotonic() > deadline:
-                raise NodeFailure(f"{len(nodes)} SuperNodes connected within {f.node_wait_timeout:.0f} s; flower.min_nodes={f.min_nodes}")
+            now = time.monotonic()
+            if now > deadline:
+                raise NodeFailure(f"{len(nodes)} SuperNodes connected within flower.node_wait_timeout={f.node_wait_timeout:.0f} s ({nodes}); flower.min_nodes={f.min_nodes}")
+            if now >= next_log:
+                log.info("waiting for SuperNodes: %d of flower.min_nodes=%d connected %s, %d missing; %.0f s left (flower.node_wait_timeout)",
+                         len(nodes), f.min_nodes, nodes, f.min_nodes - len(nodes), deadline - now)
+                next_log = now + WAIT_LOG_S
             time.sleep(POLL_S)
 
     def begin_query(self) -> tuple[list[int], Exchange | None]:
@@ -206,6 +222,7 @@ class FlowerExecutor(Executor):
         if len(host) < len(self.federation.clients) and (new or not self.host):
             log.warning("%d of %d clients are hosted by no connected node; they fail when sampled", len(self.federation.clients) - len(host), len(self.federation.clients))
         self.host = host
+        self.last_host.update(host)
         return host
 
     def refresh_hosts(self) -> dict[int, int]:
@@ -234,7 +251,8 @@ class FlowerExecutor(Executor):
             group_id=str(round_),
             ttl=self.config.flower.round_timeout + 60,
         )
-        self._wire[task["client"]]["wire_bytes_down"] += message_bytes(message)
+        self._sent[c] = message_bytes(message)
+        self._wire[task["client"]]["wire_bytes_down"] += self._sent[c]
         return message
 
     def _decode(self, c: int, reply: Message) -> ProtocolMessage:
@@ -257,18 +275,26 @@ class FlowerExecutor(Executor):
         items = []
         for c, down in wave.items():
             client_id = self.federation.clients[c].client_id
-            if c not in self.host:
-                out[c] = NodeFailure(f"no connected SuperNode hosts client {client_id}")
+            node = self.host.get(c, self.last_host.get(c))
+            wire = self._wire.setdefault(client_id, {"node": None if node is None else str(node), "array_bytes_down": 0, "wire_bytes_down": 0, "array_bytes_up": 0, "wire_bytes_up": 0})
+            if c not in self.host:  # sampled all the same: sampling stays the simulator's (docs/flower.md)
+                where = f"its SuperNode {node} is not connected" if node is not None else "no connected SuperNode hosts it"
+                out[c] = NotSent(f"client {client_id}: {where}")
                 continue
-            wire = self._wire.setdefault(client_id, {"node": str(self.host[c]), "array_bytes_down": 0, "wire_bytes_down": 0, "array_bytes_up": 0, "wire_bytes_up": 0})
             wire["array_bytes_down"] += array_bytes(down.arrays)
             items.append((c, self.host[c], lambda c=c, down=down: self._train_message(round_, c, down)))
+        self._sent = {}
         exchange = Exchange(self.grid, items, self.config.flower.round_timeout, per_node=self.config.flower.node_concurrency)
         for c, reply in exchange.wait(on_reply=on_reply).items():
             try:
                 out[c] = reply if isinstance(reply, Exception) else self._decode(c, reply)
             except UpdateRejected as err:
                 out[c] = err
+            if isinstance(out[c], Unconfirmed):  # no reply confirms it arrived: not counted as sent
+                wire = self._wire[self.federation.clients[c].client_id]
+                wire["array_bytes_down"] -= array_bytes(wave[c].arrays)
+                wire["wire_bytes_down"] -= self._sent.get(c, 0)
+                wire["wire_bytes_down_unconfirmed"] = wire.get("wire_bytes_down_unconfirmed", 0) + self._sent.get(c, 0)
         return out
 
     # ------------------------------------------------------------------ the executor's hooks
@@ -295,6 +321,8 @@ class FlowerExecutor(Executor):
 
 class FlowerEngine(Runner):
     """The runner with its clients on SuperNodes (``FlowerExecutor``)."""
+
+    resume_hint = "submit with --run-config 'resume=true' to continue it or 'overwrite=true' to start over"
 
     def __init__(self, config: RunConfig, grid: Grid):
         check_supported(config)
@@ -345,10 +373,27 @@ def _setup_logging() -> None:
 app = ServerApp()
 
 
+def serve_run(grid: Grid, run_config) -> Path:
+    """A submitted run, start to end: the config and the run directory are checked before any
+    wait, and a bad one fails with one log line that says what to fix (``flwr log`` shows it;
+    ``flwr ls`` lists the run as failed). The run directory ends with its report, as
+    ``flexfed run``'s does."""
+    from flexfed.report import write_report
+    from flexfed.runner import RunExists
+
+    try:
+        config = config_from_run_config(run_config)
+        engine = FlowerEngine(config, grid)
+        engine.check_run_dir(bool(run_config.get("resume", False)), bool(run_config.get("overwrite", False)))
+    except (config_lib.ConfigError, RunExists, ValueError) as err:
+        log.error("run refused: %s", "; ".join(line.strip() for line in str(err).splitlines() if line.strip()))
+        raise SystemExit(1) from None
+    run_dir = engine.run(resume=bool(run_config.get("resume", False)), overwrite=bool(run_config.get("overwrite", False)), show_progress=False)
+    log.info("run directory: %s (report: %s)", run_dir, write_report([run_dir]) / "summary.md")
+    return run_dir
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _setup_logging()
-    rc = context.run_config
-    config = config_from_run_config(rc)
-    run_dir = run_on_grid(grid, config, resume=bool(rc.get("resume", False)), overwrite=bool(rc.get("overwrite", False)))
-    log.info("run directory: %s", run_dir)
+    serve_run(grid, context.run_config)

@@ -38,8 +38,10 @@ def run(config: RunConfig, resume: bool = False, overwrite: bool = False, show_p
     from flexfed.engines.flower import clientapp
     from flexfed.engines.flower.serverapp import check_supported, run_on_grid
     from flexfed.build import Setup
+    from flexfed.runner import check_run_dir
 
     check_supported(config)
+    check_run_dir(config.run_dir, resume, overwrite)  # before Ray starts
     num_clients = len(Setup(config).federation.clients)
     nodes = min(config.flower.num_supernodes or num_clients, num_clients)
     outcome: dict = {}
