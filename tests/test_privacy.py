@@ -194,6 +194,10 @@ def test_clipping_bounds_each_update_and_noise_reaches_only_what_the_method_trai
         (["privacy.noise_multiplier=-1", "privacy.clip_norm=1"], "privacy.noise_multiplier"),
         (["privacy.delta=1", "privacy.clip_norm=1"], "privacy.delta"),
         (["privacy.clip_norm=1", "federation.sparse_stage.rounds=1"], "sparse_stage"),
+        (["federation.method=hetlora", "privacy.local.clip_norm=1"], "privacy.local: federation.method 'hetlora'"),
+        (["federation.method=fed-sb", "privacy.local.clip_norm=1"], "privacy.local: federation.method 'fed-sb'"),
+        (["privacy.local.clip_norm=1", "federation.sparse_stage.rounds=1"], "privacy.local does not cover"),
+        (["privacy.local.clip_norm=-1"], "privacy.local.clip_norm"),
     ],
 )
 def test_settings_privacy_cannot_honour_are_refused_naming_the_field(tiny_config, settings, message):
@@ -204,3 +208,94 @@ def test_settings_privacy_cannot_honour_are_refused_naming_the_field(tiny_config
 def test_move_update_with_c_one_is_the_update_itself():
     start, update = {"m": _factors(4, 3, 2, 0)}, {"m": _factors(4, 3, 2, 1)}
     assert move_update("product", ("a", "b"), start, update, 1)["m"] is update["m"]
+
+
+# ----------------------------------------------------------------------------- local (example-level) DP-SGD
+
+
+def _dp_trainer(clip_norm: float, noise_multiplier: float, lr: float = 1.0):
+    """A tiny-Llama trainer doing one plain SGD step (no momentum, decay or global clip) under
+    DP-SGD, and six random examples of 20-40 tokens, 3-9 of them labelled."""
+    import random
+
+    from flexfed.client import LocalTrainer
+    from flexfed.config import LocalDPConfig, LoraConfig, TrainingConfig
+    from flexfed.data.prompts import EncodedExample
+    from flexfed.lora import init_adapter, target_shapes
+    from flexfed.models import tiny_llama
+
+    model = tiny_llama(vocab_size=64)
+    lora = LoraConfig(rank=2, target_modules=["q_proj", "v_proj"])
+    shapes = target_shapes(model, lora.target_modules)
+    training = TrainingConfig(local_steps=1, batch_size=6, optimizer="sgd", lr=lr, weight_decay=0.0, max_grad_norm=None, precision="fp32")
+    trainer = LocalTrainer(model, lora, training, 0, local_dp=LocalDPConfig(clip_norm=clip_norm, noise_multiplier=noise_multiplier))
+    rng = random.Random(1)
+    examples = []
+    for _ in range(6):
+        n, r = rng.randint(20, 40), rng.randint(3, 9)
+        ids = [rng.randint(3, 60) for _ in range(n)]
+        examples.append(EncodedExample(ids, [-100] * (n - r) + ids[n - r :], False, False))
+    start = init_adapter(shapes, dict.fromkeys(shapes, 2), lora.alpha, False, 0)
+    for i, f in enumerate(start.values()):  # B != 0, so that A gets gradients too
+        f.b.copy_(torch.randn(f.b.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+    return trainer, start, examples
+
+
+def test_local_dp_sgd_steps_by_the_mean_of_per_example_clipped_gradients():
+    """With σ = 0, one SGD step moves the factors by -lr x mean_i clip_C(g_i), g_i the gradient of
+    example i's own mean token loss, computed here one example at a time."""
+    from flexfed.client import collate, example_mean, response_token_losses
+
+    clip_norm = 0.05  # below every example's gradient norm, so every clip is active
+    trainer, start, examples = _dp_trainer(clip_norm, 0.0)
+    result = trainer.train("c", start, examples, 0)
+
+    trainer.local_dp = None  # per-example gradients by hand, on the same model and start
+    slot = trainer.activate(start)
+    params = {n: p for n, p in trainer.peft_model.named_parameters() if p.requires_grad}
+    clipped = {n: torch.zeros_like(p) for n, p in params.items()}
+    norms = []
+    for example in examples:
+        trainer.peft_model.zero_grad(set_to_none=True)
+        example_mean(*response_token_losses(trainer.peft_model, collate([example], 0))).backward()
+        norm = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in params.values())))
+        norms.append(norm)
+        for n, p in params.items():
+            clipped[n] += p.grad * min(1.0, clip_norm / norm)
+    assert min(norms) > clip_norm
+    for module, f in result.adapter.items():
+        for factor, layer in (("a", "lora_A"), ("b", "lora_B")):
+            expected = getattr(start[module], factor) - clipped[f"base_model.model.{module}.{layer}.{slot}.weight"] / len(examples)
+            assert torch.allclose(getattr(f, factor), expected, atol=1e-6), (module, factor)
+
+
+def test_local_dp_sgd_noise_has_sigma_c_over_the_batch_and_runs_are_reproducible():
+    """Clip C tiny: the step is almost all noise, N(0, (σ C / B)²) per coordinate of each factor."""
+    sigma, clip_norm, lr = 2.0, 1e-3, 1.0
+    trainer, start, examples = _dp_trainer(clip_norm, sigma, lr)
+    first = trainer.train("c", start, examples, 0)
+    again = trainer.train("c", start, examples, 0)
+    other = trainer.train("c", start, examples, 1)
+    moved = torch.cat([(getattr(f, x) - getattr(start[n], x)).flatten() for n, f in first.adapter.items() for x in ("a", "b")])
+    expected = lr * sigma * clip_norm / len(examples)
+    assert moved.std().item() == pytest.approx(expected, rel=0.1)  # clipped gradients move it by <= lr C/B = 1.7e-4 in norm
+    assert all(torch.equal(f.a, again.adapter[n].a) and torch.equal(f.b, again.adapter[n].b) for n, f in first.adapter.items())
+    assert not all(torch.equal(f.b, other.adapter[n].b) for n, f in first.adapter.items())
+
+
+def test_a_run_with_local_dp_records_each_clients_epsilon_over_its_participations(tiny_config):
+    from flexfed.client import local_steps
+
+    config = tiny_config("federation.rounds=3", "federation.sample_fraction=0.3", "privacy.local.clip_norm=1", "privacy.local.noise_multiplier=1.1",
+                         "eval.every=3", "eval.seen_examples=2", "eval.unseen_examples=2")
+    sim = Simulation(config)
+    sim.run(show_progress=False)
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    seen: dict[str, int] = {}
+    for record in records:
+        for c in record["clients"]:
+            seen[c["id"]] = seen.get(c["id"], 0) + 1
+            n = c["examples"]
+            steps = seen[c["id"]] * local_steps(config.training, n)
+            assert c["epsilon_local"] == pytest.approx(epsilon(1.1, config.training.batch_size / n, steps, config.privacy.delta))
+    assert max(seen.values()) > 1  # some client trained twice: its ε grew

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from flexfed.aggregation.base import LocalRule
-from flexfed.config import LoraConfig, TrainingConfig
+from flexfed.config import LocalDPConfig, LoraConfig, TrainingConfig
 from flexfed.cost import Architecture, StepCost
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
@@ -129,6 +130,23 @@ def response_token_losses(model, batch: Mapping[str, torch.Tensor]) -> tuple[tor
     return F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep
 
 
+def local_steps(training: TrainingConfig, num_examples: int) -> int:
+    """A client's optimisation steps in a round: ``training.local_steps``, or its epochs' batches."""
+    if training.local_steps is not None:
+        return training.local_steps
+    return max(1, math.ceil(training.local_epochs * math.ceil(num_examples / training.batch_size)))
+
+
+def example_mean(token_losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The mean over examples of each example's mean token loss (``response_token_losses``):
+    each example's share of the gradient depends on that example alone, as DP-SGD's
+    per-example clipping needs (the token mean's denominator mixes every example's length)."""
+    rows = keep.shape[0]
+    owner = torch.arange(rows, device=keep.device)[:, None].expand_as(keep)[keep]
+    sums = torch.zeros(rows, device=keep.device, dtype=token_losses.dtype).index_add(0, owner, token_losses)
+    return (sums / keep.sum(dim=1).clamp(min=1)).mean()
+
+
 def response_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Causal-LM loss on the response: equal to ``model(**batch).loss``, only cheaper."""
     return response_token_losses(model, batch)[0].mean()
@@ -137,8 +155,10 @@ def response_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 class LocalTrainer:
     """Trains client adapters on one shared PEFT-wrapped base model."""
 
-    def __init__(self, base_model, lora: LoraConfig, training: TrainingConfig, pad_id: int, device: str | torch.device = "cpu"):
+    def __init__(self, base_model, lora: LoraConfig, training: TrainingConfig, pad_id: int, device: str | torch.device = "cpu",
+                 local_dp: LocalDPConfig | None = None):
         self.device = torch.device(device)
+        self.local_dp = local_dp if local_dp is not None and local_dp.enabled else None
         self.base_model = base_model.to(self.device)
         self.lora = lora
         self.training = training
@@ -228,10 +248,7 @@ class LocalTrainer:
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
     def _num_steps(self, num_examples: int) -> int:
-        t = self.training
-        if t.local_steps is not None:
-            return t.local_steps
-        return max(1, math.ceil(t.local_epochs * math.ceil(num_examples / t.batch_size)))
+        return local_steps(self.training, num_examples)
 
     def train(
         self,
@@ -296,6 +313,33 @@ class LocalTrainer:
         if not examples:
             raise ValueError(f"client {client_id}: no training examples")
         optimizer = self._optimizer(params)
+        with self._example_dp(model, optimizer, penalty) as optimizer:
+            return self._fit(client_id, model, params, optimizer, examples, seed, penalty, ranks)
+
+    @contextmanager
+    def _example_dp(self, model, optimizer, penalty) -> Iterator[torch.optim.Optimizer]:
+        """The optimizer, made DP-SGD's by Opacus when ``privacy.local`` is on: per-example
+        gradients (``GradSampleModule``'s hooks, removed afterwards: the model is shared by every
+        client), each clipped to C, summed, noised with N(0, (σC)²) and divided by the batch size."""
+        if self.local_dp is None:
+            yield optimizer
+            return
+        if penalty is not None:
+            raise ValueError("privacy.local: a method's local penalty has no per-example gradient to clip")
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        hooked = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        try:
+            with warnings.catch_warnings():
+                # Opacus's backward hooks fire on module outputs only, as the frozen base needs no input gradients
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                yield DPOptimizer(optimizer, noise_multiplier=self.local_dp.noise_multiplier, max_grad_norm=self.local_dp.clip_norm,
+                                  expected_batch_size=self.training.batch_size, loss_reduction="mean")
+        finally:
+            hooked._close()
+
+    def _fit(self, client_id, model, params, optimizer, examples, seed, penalty, ranks) -> tuple[list[float], int, dict]:
         torch.manual_seed(seed)
         lengths = [len(e.input_ids) for e in examples]
         losses, tokens = [], 0
@@ -309,15 +353,19 @@ class LocalTrainer:
             counter = cost.flop_counter() if cost else None
             with counter or nullcontext():
                 with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-                    loss = response_loss(model, batch)
-                objective = loss if penalty is None else loss + penalty()
+                    token_losses, keep = response_token_losses(model, batch)
+                loss = token_losses.mean()
+                if self.local_dp is not None:  # DP-SGD clips each example's gradient: the loss must separate by example
+                    objective = example_mean(token_losses, keep)
+                else:
+                    objective = loss if penalty is None else loss + penalty()
                 if not torch.isfinite(objective):
                     raise FloatingPointError(f"client {client_id}: non-finite training loss at step {len(losses)}")
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
             if cost:
                 cost.add(batch, counter.get_total_flops() if counter else None)
-            if self.training.max_grad_norm:
+            if self.training.max_grad_norm and self.local_dp is None:  # DP-SGD clips per example instead
                 torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm)
             optimizer.step()
             losses.append(loss.item())

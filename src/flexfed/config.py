@@ -192,13 +192,26 @@ class TrackingConfig(_Section):
         return self
 
 
+class LocalDPConfig(_Section):
+    """Example-level DP-SGD inside each client's training (Opacus; docs/privacy.md). Off while ``clip_norm`` is null."""
+
+    clip_norm: float | None = Field(None, gt=0)  # C: each example's gradient is clipped to this norm
+    noise_multiplier: float = Field(0.0, ge=0)  # σ: each step's summed clipped gradients get N(0, (σ C)²)
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_norm is not None
+
+
 class PrivacyConfig(_Section):
-    """Client-level differential privacy (DP-FedAvg; docs/privacy.md). Off while ``clip_norm`` is null."""
+    """Client-level differential privacy (DP-FedAvg; docs/privacy.md). Off while ``clip_norm`` is null.
+    ``local``: example-level DP-SGD on each client, on its own or beside it."""
 
     clip_norm: float | None = Field(None, gt=0)  # S: each client's update is clipped to this norm in its method's space
     noise_multiplier: float = Field(0.0, ge=0)  # σ: the aggregate gets N(0, (σ S max_i p_i)²) per coordinate
     delta: float = Field(1e-5, gt=0, lt=1)  # the δ that ε is reported for
     accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's RDP or PRV accountant
+    local: LocalDPConfig = Field(default_factory=LocalDPConfig)
 
     @property
     def enabled(self) -> bool:

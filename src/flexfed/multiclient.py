@@ -70,7 +70,7 @@ def train_clients(
 ) -> list[ClientResult | Exception]:
     """Train every job, ``per_pass`` clients at a time; a result or the client's error, in job order.
     ``rule``: the method's local penalty and pruning (``LocalTrainer.train``)."""
-    if per_pass > 1 and set(trainable) <= {"a", "b"}:
+    if per_pass > 1 and set(trainable) <= {"a", "b"} and trainer.local_dp is None:  # DP-SGD: Opacus hooks one model, one client
         return MultiClientTrainer(trainer).train(jobs, per_pass, trainable, on_done, rule)
     # One at a time: K = 1 gains nothing from stacking, and factors other than A and B
     # (e.g. a Fed-SB core) are the sequential trainer's business.

@@ -34,6 +34,17 @@ def check_config(config) -> None:
     if robust.aggregate != "mean" and method not in COORDINATE_WISE:
         raise ValueError(f"robust.aggregate={robust.aggregate!r} needs a method whose clients send the same coordinates and whose "
                          f"server averages them ({list(COORDINATE_WISE)}), not federation.method {method!r}")
+    if privacy.local.enabled:
+        from flexfed.aggregation import Aggregator
+
+        aggregator = Aggregator.registry[method](**options)
+        if aggregator.local_rule() is not None or set(aggregator.trainable) - {"a", "b"}:
+            raise ValueError(f"privacy.local: federation.method {method!r} trains with a local penalty or a core between fixed frames, "
+                             "whose gradients Opacus does not clip per example; local DP-SGD covers methods that train LoRA's A and/or B")
+        if config.federation.sparse_stage.rounds:
+            raise ValueError("privacy.local does not cover federation.sparse_stage (SLoRA's sparse rounds)")
+        if importlib.util.find_spec("opacus") is None:
+            raise ValueError("privacy.local: DP-SGD runs through Opacus, which is not installed: pip install 'flexfed[privacy]'")
     if privacy.enabled:
         if method == "hetlora" and options.get("sparsity_weighted", True):
             raise ValueError("privacy.clip_norm with hetlora needs federation.method_options.sparsity_weighted=false: "

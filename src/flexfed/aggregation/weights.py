@@ -76,6 +76,7 @@ class WeightsProtocol(Protocol):
             profiles, assignment = client_profiles(config.resources, config.lora, self.shapes, len(clients), config.seed, memory)
             base_norms = {n: float(trainer.base_linear(n).weight.detach().double().norm()) for n in self.shapes}
             self.server = Server(config, self.shapes, profiles, assignment, [c.client_id for c in clients], base_norms)
+            self.shard_sizes = [c.num_examples for c in clients]
             check_method(config, self.server.aggregator, profiles)
             self.link = self.server.link
         a = config.attack
@@ -123,7 +124,20 @@ class WeightsProtocol(Protocol):
                 fields["ranks_sent"] = sent
         if s.client_ids[client] in self.attackers:
             fields["attacker"] = True
+        if self.config.privacy.local.enabled:
+            fields["epsilon_local"] = self.local_epsilon(round_, client)
         return fields
+
+    def local_epsilon(self, round_: int, client: int) -> float:
+        """ε(privacy.delta) of the client's example-level DP-SGD over every round it trained in up
+        to ``round_`` (its own data's guarantee; steps sample B of its n examples, q = B/n)."""
+        from flexfed.client import local_steps
+        from flexfed.privacy import epsilon
+
+        p, t = self.config.privacy, self.config.training
+        examples = self.shard_sizes[client]
+        rounds = sum(client in self.server.sample(r) for r in range(1, round_ + 1))
+        return epsilon(p.local.noise_multiplier, min(1.0, t.batch_size / examples), rounds * local_steps(t, examples), p.delta, p.accountant)
 
     def round_fields(self, state: ServerState, round_: int, reported) -> dict:
         fields = {"epsilon": self.server.epsilon(round_)}  # privacy: ε(privacy.delta) spent so far (null: no guarantee)
