@@ -63,6 +63,21 @@ def _assert_same_global_adapter(run_a, run_b):
         assert a[name].scale == b[name].scale
 
 
+def _zombies(fed) -> list[str]:
+    """Processes of the federation's sessions that exited and were never reaped."""
+    sessions = {p.pid for p in fed.processes}
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z" and int(fields[3]) in sessions:
+            found.append(f"{pid} ({name})")
+    return found
+
+
 @pytest.fixture
 def federations(tmp_path):
     """Start LocalFederations; every process they started is stopped at teardown."""
@@ -144,6 +159,7 @@ def test_tls_authenticated_deployment_with_three_ranks_equals_the_in_process_sim
     assert "Failed to activate SuperNode" in intruder.log.read_text()
     assert fed.processes[0].log.read_text().count("Activated node_id") == 3
     assert all(p.alive() for p in nodes)
+    assert _zombies(fed) == []  # Flower's app processes were reaped (deploy.reap_children)
 
 
 def test_a_supernode_killed_mid_round_is_left_out_and_the_run_finishes(tmp_path, federations):

@@ -154,7 +154,7 @@ def _flower_app(args) -> int:
 def _flower_superlink(args) -> int:
     import os
 
-    from flexfed.engines.flower.deploy import flower_env, superlink_command
+    from flexfed.engines.flower.deploy import flower_env, reap_children, superlink_command
 
     if args.insecure == bool(args.certs):
         raise SystemExit("pass --certs DIR (TLS; see `flexfed flower certs`) or --insecure")
@@ -162,6 +162,7 @@ def _flower_superlink(args) -> int:
         raise SystemExit("SuperNode authentication needs TLS: pass --certs DIR, or --insecure together with --no-auth")
     cmd = superlink_command(args.port, args.host, None if args.insecure else args.certs, auth=not args.no_auth, database=args.database)
     log.info("%s", " ".join(cmd))
+    reap_children()  # kept across exec: the SuperLink's app processes are reaped, not left as zombies
     os.execvpe(cmd[0], cmd, flower_env())
     return 0  # not reached
 

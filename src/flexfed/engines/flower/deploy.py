@@ -212,6 +212,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def reap_children() -> None:
+    """Run in a Flower process before it starts (``preexec_fn``, or before ``exec``): it ignores
+    SIGCHLD, a disposition its children inherit across ``exec``, so the kernel reaps the
+    ``flwr-clientapp``/``flwr-serverapp`` processes that Flower's SuperExec starts and never waits
+    for, instead of leaving one zombie per message until shutdown. A process that ignores SIGCHLD
+    cannot read its children's exit codes (Python's ``wait`` then reports 0); Flower never does."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
+
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -289,7 +298,9 @@ class LocalFederation:
     def _spawn(self, name: str, cmd: list[str]) -> LocalProcess:
         log = self.home / f"{name}.log"
         with open(log, "ab") as fh:
-            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.home, start_new_session=True)
+            flower = cmd[0] != sys.executable  # a Flower binary; flexfed's own wrapper makes its child reap
+            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.home, start_new_session=True,
+                                     preexec_fn=reap_children if flower else None)
         proc = LocalProcess(name, popen, log)
         self.processes.append(proc)
         return proc
@@ -418,7 +429,7 @@ def run_supernode(superlink: str, node_config: str, port: int = 9094, root_certi
     server.start()
     full_config = f'{node_config} trainer-socket="{worker.path}"'.strip()
     cmd = supernode_command(superlink, full_config, port=port, root_certificates=root_certificates, auth_key=auth_key)
-    child = subprocess.Popen(cmd, env=flower_env())
+    child = subprocess.Popen(cmd, env=flower_env(), preexec_fn=reap_children)
     log.info("SuperNode %d started; trainer worker on %s", child.pid, worker.path)
 
     def forward(signum, _frame):
