@@ -40,7 +40,7 @@ BASE = [
 ]
 RUN_TIMEOUT = 240
 NOT_COMPARED = {"time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s", "time_overhead_s", "seconds"}
-FLOWER_ONLY = {"wire_bytes_up", "wire_bytes_down", "array_bytes_up", "array_bytes_down", "node"}
+FLOWER_ONLY = {"wire_bytes_up", "wire_bytes_down", "array_bytes_up", "array_bytes_down", "node", "time_roundtrip_s", "time_outside_client_s"}
 
 
 def _metrics(run_dir):

@@ -293,6 +293,9 @@ def test_a_deployment_counts_only_bytes_a_reply_confirms_names_dead_nodes_and_wr
         assert failed[client]["node"] == "102" and failed[client]["bytes_down"] == 0
     assert {c["id"] for c in rounds[1]["clients"]} == {ids[c] for c in second if c % 2 == 0}
     assert (config.run_dir / "report" / "summary.md").exists()
+    for c in rounds[0]["clients"] + rounds[1]["clients"]:  # the scripted nodes train when pulled: inside the round trip
+        assert c["time_roundtrip_s"] >= c["seconds"] and c["time_outside_client_s"] == pytest.approx(c["time_roundtrip_s"] - c["seconds"])
+    assert "outside compute" in (config.run_dir / "report" / "summary.md").read_text()
 
 
 class Absent:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import yaml
@@ -131,6 +132,11 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
     s["client_flops_analytic_mean"] = _mean([c["flops_analytic"] for c in clients if c.get("flops_analytic") is not None])
     s["client_peak_memory_bytes"] = max(peaks) if peaks else None
     s["client_peak_memory_source"] = next((c["peak_memory_source"] for c in clients if "peak_memory_source" in c), None)
+    # Flower: a client's messages' round trips, and what of them was not its own compute
+    trips = [c for c in clients if c.get("time_roundtrip_s") is not None]
+    s["client_roundtrip_s_median"] = statistics.median(c["time_roundtrip_s"] for c in trips) if trips else None
+    s["client_outside_s_median"] = statistics.median(c["time_outside_client_s"] for c in trips) if trips else None
+    s["client_compute_s_median"] = statistics.median(c["seconds"] for c in trips) if trips else None
     # privacy: ε(δ) spent by the last recorded round (None: no privacy, or σ = 0)
     s["epsilon"] = finite_or_none(rows[-1].get("epsilon"))
     s["privacy"] = {k: _get(cfg, f"privacy.{k}") for k in ("clip_norm", "noise_multiplier", "delta", "accountant")}
@@ -352,6 +358,14 @@ def _markdown(sums: list[dict], plots: list[str]) -> str:
             [s["run"], _f(_scaled(s.get("client_flops_mean"), 1e-9), ".4g"), _f(_scaled(s.get("client_flops_analytic_mean"), 1e-9), ".4g"),
              "–" if s.get("client_peak_memory_bytes") is None else f"{human_bytes(s['client_peak_memory_bytes'])} ({s['client_peak_memory_source']})"]
             for s in sums]))
+    flower = [s for s in sums if s.get("client_roundtrip_s_median") is not None]
+    if flower:
+        out += ["", "On Flower, per client and round (medians): the round trip of its messages (push to reply), its own "
+                "training time on the node, and the rest: transport, queueing and Flower's per-message work (a new "
+                "ClientApp process per message in Flower 1.41).", ""]
+        out.append(table(["run", "round trip", "client compute", "outside compute"], [
+            [s["run"], *(human_seconds(s[k]) for k in ("client_roundtrip_s_median", "client_compute_s_median", "client_outside_s_median"))]
+            for s in flower]))
     private = [s for s in sums if (s.get("privacy") or {}).get("clip_norm") is not None]
     if private:
         out += ["", "## Privacy (client-level DP; ε from Opacus's accountant, after the last round)", ""]

@@ -77,6 +77,8 @@ class Exchange:
             self.queues.setdefault(node, deque()).append((key, make))
         self.inflight: dict[str, tuple] = {}  # message id -> (key, node)
         self.out: dict = {}
+        self.sent_at: dict = {}  # key -> when its message was pushed
+        self.roundtrip: dict = {}  # key -> seconds from push to the reply's pull (to within POLL_S)
         for node in self.queues:
             self._dispatch(node)
 
@@ -94,6 +96,7 @@ class Exchange:
                 self.out[key] = NotSent(f"node {node}: {reason}")
                 continue
             self.inflight[mid] = (key, node)
+            self.sent_at[key] = time.monotonic()
 
     def wait(self, on_reply=None) -> dict:
         first = True  # replies that arrived before ``wait`` was called always count
@@ -104,6 +107,7 @@ class Exchange:
                 if entry is None:
                     continue
                 key, node = entry
+                self.roundtrip[key] = time.monotonic() - self.sent_at[key]
                 if reply.has_error():
                     self.out[key] = NodeFailure(f"node {node}: error {reply.error.code}: {reply.error.reason}")
                 else:
@@ -286,6 +290,9 @@ class FlowerExecutor(Executor):
         self._sent = {}
         exchange = Exchange(self.grid, items, self.config.flower.round_timeout, per_node=self.config.flower.node_concurrency)
         for c, reply in exchange.wait(on_reply=on_reply).items():
+            if c in exchange.roundtrip:
+                wire = self._wire[self.federation.clients[c].client_id]
+                wire["time_roundtrip_s"] = wire.get("time_roundtrip_s", 0.0) + exchange.roundtrip[c]
             try:
                 out[c] = reply if isinstance(reply, Exception) else self._decode(c, reply)
             except UpdateRejected as err:
@@ -313,6 +320,8 @@ class FlowerExecutor(Executor):
         everyone = record["clients"] + record["clients_failed"]
         for r in record["clients"]:
             r.update(self._wire.get(r["id"], {}))
+            if "time_roundtrip_s" in r:  # what the client's messages cost beyond its own compute
+                r["time_outside_client_s"] = max(0.0, r["time_roundtrip_s"] - r["seconds"])
         for r in record["clients_failed"]:
             r.update({k: v for k, v in self._wire.get(r["id"], {}).items() if not k.endswith("_up")})
         record["wire_bytes_up"] = sum(r.get("wire_bytes_up", 0) for r in record["clients"])
