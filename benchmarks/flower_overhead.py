@@ -1,0 +1,92 @@
+"""Flower's per-message overhead: a loopback deployment against the in-process simulator.
+
+Both run the same config (tiny model by default, so that training is short and the overhead
+shows): ``--nodes`` SuperNodes on loopback through ``flexfed flower supernode`` (trainer worker
+kept loaded), each hosting every N-th client, and the simulator in this process. Per round:
+wall time on both, and on Flower the clients' median round trip (push to reply), their own
+training time on the node and the rest (``time_outside_client_s``: transport, queueing behind the
+node's other clients, Flower 1.41's new ``flwr-clientapp`` process per message). The last line is
+``flower overhead ratio X``: Flower's round wall time over the simulator's (median over rounds
+after the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from aggregation import machine
+from flexfed.config import load_config
+from flexfed.engines import simulation
+from flexfed.engines.flower.deploy import LocalFederation, node_config_string
+from flexfed.engines.flower.project import write_app
+
+
+def rounds_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=8, help="registered clients (iid partition)")
+    parser.add_argument("--sample-fraction", type=float, default=0.5)
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="flexfed-flower-overhead-"))
+    settings = [
+        f"federation.rounds={args.rounds}", f"federation.sample_fraction={args.sample_fraction}", "data.partition=iid",
+        f"data.num_clients={args.clients}", f"eval.every={args.rounds}", "eval.seen_examples=2", "eval.unseen_examples=2",
+        f"flower.min_nodes={args.nodes}",
+    ]
+    flower_config = load_config(args.config, [*settings, f"output_dir={tmp / 'flower'}"])
+    inproc_config = load_config(args.config, [*settings, f"output_dir={tmp / 'inproc'}"])
+
+    began = time.perf_counter()
+    simulation.run(inproc_config, show_progress=False)
+    inproc_wall = time.perf_counter() - began
+
+    fed = LocalFederation(tmp / "fed")
+    try:
+        fed.start_superlink()
+        for k in range(args.nodes):
+            fed.start_supernode(f"node{k}", node_config_string(partition=(k, args.nodes)))
+        began = time.perf_counter()
+        run_id = fed.submit(write_app(tmp / "app", flower_config))
+        status = fed.wait_for_run(run_id, timeout=args.timeout)
+        flower_wall = time.perf_counter() - began
+    finally:
+        fed.stop()
+    if status.get("status") != "finished:completed":
+        raise SystemExit(f"the Flower run did not complete: {status}")
+
+    flower, inproc = rounds_of(flower_config.run_dir), rounds_of(inproc_config.run_dir)
+    print(f"machine: {machine()}; CPU capability {torch.backends.cpu.get_cpu_capability()}; load average {os.getloadavg()[0]:.2f}")
+    print(f"settings: config {args.config}, {args.nodes} SuperNodes on loopback, {args.clients} clients, "
+          f"{flower[0]['clients_sampled']} sampled a round, {args.rounds} rounds; wall incl. start: Flower {flower_wall:.1f} s, "
+          f"simulator {inproc_wall:.1f} s")
+    print(f"{'round':>5} {'sim s':>7} {'flower s':>9} {'trip s':>7} {'train s':>8} {'outside s':>10}")
+    for f, i in zip(flower, inproc):
+        clients = f["clients"]
+        med = lambda key: statistics.median(c[key] for c in clients)  # noqa: E731
+        print(f"{f['round']:>5} {i['time_round_s']:7.2f} {f['time_round_s']:9.2f} {med('time_roundtrip_s'):7.2f} "
+              f"{med('seconds'):8.2f} {med('time_outside_client_s'):10.2f}")
+    later = slice(1, None) if len(flower) > 1 else slice(None)
+    ratio = statistics.median(f["time_round_s"] for f in flower[later]) / statistics.median(i["time_round_s"] for i in inproc[later])
+    outside = statistics.median(c["time_outside_client_s"] for f in flower[later] for c in f["clients"])
+    print(f"per-message overhead (median time outside the client's compute): {outside:.2f} s")
+    print(f"flower overhead ratio {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
