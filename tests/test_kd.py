@@ -202,3 +202,8 @@ def test_flower_sim_engine_gives_the_simulators_global_adapter_bit_for_bit(tmp_p
     assert [c["bytes_up"] for c in flower["clients"]] == [c["bytes_up"] for c in inproc["clients"]]
     assert [c["flops"] for c in flower["clients"]] == [c["flops"] for c in inproc["clients"]]
     assert flower["kd_kl_after"] == inproc["kd_kl_after"]
+
+
+def test_slora_sparse_stage_is_refused_for_a_protocol_of_its_own():
+    with pytest.raises(ConfigError, match="federation.sparse_stage"):
+        load_config("tiny", ["federation.method=kd", "federation.sparse_stage.rounds=1", "federation.rounds=2"])

@@ -65,7 +65,6 @@ def check_config(config) -> None:
         "privacy.clip_norm (client-level DP bounds weight updates; KD sends distributions)": config.privacy.enabled,
         "robust (its defences are over weight updates)": config.robust.enabled,
         "attack.fraction (simulated attackers poison weight updates)": config.attack.fraction > 0,
-        "federation.sparse_stage (SLoRA's stage trains base weights)": config.federation.sparse_stage.rounds > 0,
         f"resources.distribution={config.resources.distribution!r} (KD trains one LoRA rank, lora.rank)": config.resources.distribution != "homogeneous",
     }
     refused = [what for what, bad in refusals.items() if bad]
