@@ -48,7 +48,7 @@ from flexfed.client import CLIENT_ERRORS, LocalTrainer, collate, response_logits
 from flexfed.evaluation import generate_ids
 from flexfed.kd import proxy as proxy_lib
 from flexfed.kd.distill import Encoding, distillation_loss, kl_per_position, mixture, probabilities
-from flexfed.lora import Adapter, Factors, init_adapter, lora_scale, save_adapter
+from flexfed.lora import Adapter, Factors, init_adapter, lora_scale, module_kind, save_adapter
 from flexfed.protocol import Message, Protocol
 from flexfed.server import ServerState, UpdateRejected, derived_seed
 
@@ -248,7 +248,10 @@ class KDProtocol(Protocol):
         return self._round.pop(round_, {})
 
     def client_fields(self, round_: int, client: int, update) -> dict:
-        return {"layers": self.kd.client_layers} if self.kd.client_layers is not None else {}
+        fields = {"ranks": {module_kind(n): self.config.lora.rank for n in self.modules}}  # as the weights protocol records them
+        if self.kd.client_layers is not None:
+            fields["layers"] = self.kd.client_layers
+        return fields
 
     def evaluated(self, trainer, state: ServerState):
         return trainer.merged(state.global_adapter)
