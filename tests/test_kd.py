@@ -207,3 +207,21 @@ def test_flower_sim_engine_gives_the_simulators_global_adapter_bit_for_bit(tmp_p
 def test_slora_sparse_stage_is_refused_for_a_protocol_of_its_own():
     with pytest.raises(ConfigError, match="federation.sparse_stage"):
         load_config("tiny", ["federation.method=kd", "federation.sparse_stage.rounds=1", "federation.rounds=2"])
+
+
+def test_a_malformed_reply_is_rejected_and_a_client_sent_the_wrong_modules_fails_alone(tiny_config):
+    from flexfed.protocol import Message
+    from flexfed.server import UpdateRejected
+
+    runner = Runner(tiny_config(*SMALL_RUN, "kd.k=5"))
+    kd = runner.protocol
+    talk = kd.conversation(kd.initial_state(), 1, 0, True)
+    message = next(talk)
+    (reply,) = kd.serve(runner.setup, [message])
+    inflated = {**reply.arrays, "rest": reply.arrays["rest"] + 0.5}  # mass above 1
+    with pytest.raises(UpdateRejected, match=f"client {runner.federation.clients[0].client_id}: top-k distributions"):
+        talk.send(Message(inflated, reply.meta))
+    first = sorted(kd.modules)[0]
+    short = {k: v for k, v in message.arrays.items() if not k.startswith(first + ".")}
+    (failed,) = kd.serve(runner.setup, [Message(short, message.meta)])
+    assert isinstance(failed, ValueError) and "payload does not match the modules" in str(failed)

@@ -48,7 +48,7 @@ from flexfed.client import CLIENT_ERRORS, LocalTrainer, collate, response_logits
 from flexfed.evaluation import generate_ids
 from flexfed.kd import proxy as proxy_lib
 from flexfed.kd.distill import Encoding, distillation_loss, kl_per_position, mixture, probabilities
-from flexfed.lora import Adapter, Factors, init_adapter, lora_scale, module_kind, save_adapter
+from flexfed.lora import Adapter, Factors, init_adapter, lora_scale, module_kind, save_adapter, target_shapes
 from flexfed.protocol import Message, Protocol
 from flexfed.server import ServerState, UpdateRejected, derived_seed
 
@@ -117,6 +117,7 @@ class KDProtocol(Protocol):
         self.server_training = t.model_copy(update={"lr": self.kd.server_lr, "local_steps": self.kd.server_steps, "local_epochs": None, "batch_size": self.kd.batch_size})
         self.digest_training = t.model_copy(update={"local_steps": self.kd.client_distill_steps, "local_epochs": None, "batch_size": self.kd.batch_size})
         self._client_trainer: LocalTrainer | None = None
+        self._client_modules: list[str] = []
         self._responses: dict[int, list[list[int]]] = {}  # round -> the global model's answers
         self._round: dict[int, dict] = {}  # round -> fields of its metrics line
         self.server = None  # no weights-protocol Server
@@ -138,17 +139,22 @@ class KDProtocol(Protocol):
             return sorted(names)
         return sorted(n for n in names if (m := LAYER.search(n)) is None or int(m.group(1)) < ell)
 
-    def client_trainer(self, setup) -> LocalTrainer:
-        """The clients' trainer: the run's own, or one on the first ``kd.client_layers`` layers."""
-        if self.kd.client_layers is None:
-            return setup.trainer
+    def client_trainer(self, setup) -> tuple[LocalTrainer, list[str]]:
+        """The clients' trainer and the modules its model adapts: the run's own trainer, or one
+        on the first ``kd.client_layers`` layers."""
         if self._client_trainer is None:
-            from flexfed.models import load_model
-
             c = self.config
-            model = keep_layers(load_model(c.model.name, dtype=getattr(torch, c.model.dtype), seed=c.seed), self.kd.client_layers)
-            self._client_trainer = LocalTrainer(model, c.lora, c.training, setup.tokenizer.pad_token_id, setup.device)
-        return self._client_trainer
+            if self.kd.client_layers is None:
+                trainer = setup.trainer
+                self._client_modules = sorted(setup.shapes)
+            else:
+                from flexfed.models import load_model
+
+                model = keep_layers(load_model(c.model.name, dtype=getattr(torch, c.model.dtype), seed=c.seed), self.kd.client_layers)
+                self._client_modules = sorted(target_shapes(model, c.lora.target_modules))  # before PEFT wraps it
+                trainer = LocalTrainer(model, c.lora, c.training, setup.tokenizer.pad_token_id, setup.device)
+            self._client_trainer = trainer
+        return self._client_trainer, self._client_modules
 
     def examples(self, responses: Sequence[Sequence[int]]):
         return proxy_lib.scored_examples(self.prompts, responses)
@@ -275,12 +281,9 @@ class KDProtocol(Protocol):
 
     def _serve(self, setup, m: Message) -> Message:
         client, seed = str(m.meta["client"]), int(m.meta["seed"])
-        trainer = self.client_trainer(setup)
+        trainer, modules = self.client_trainer(setup)
         c = self.config
-        names = sorted({k.rsplit(".", 1)[0] for k in m.arrays if k != RESPONSES and not k.startswith(CONSENSUS)})
-        if names != self.client_modules(names) or (self.kd.client_layers is not None and not names):
-            raise ValueError(f"client {client}: sent modules beyond its {self.kd.client_layers} layers")
-        parts = payload_parts({k: v for k, v in m.arrays.items() if k != RESPONSES and not k.startswith(CONSENSUS)}, names, ("a", "b"))
+        parts = payload_parts({k: v for k, v in m.arrays.items() if k != RESPONSES and not k.startswith(CONSENSUS)}, modules, ("a", "b"))
         start = {n: Factors(b=p["b"], a=p["a"], scale=lora_scale(p["a"].shape[0], c.lora.alpha, c.lora.rslora)) for n, p in parts.items()}
         examples = self.examples(proxy_lib.responses_from_tensor(m.arrays[RESPONSES], len(self.prompts), self.vocab))
         costs = []
