@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -132,7 +131,7 @@ class KDProtocol(Protocol):
 
     # ------------------------------------------------------------------ both ends
 
-    def client_modules(self, names: Sequence[str]) -> list[str]:
+    def within_client_layers(self, names: Sequence[str]) -> list[str]:
         """The adapted modules a client's model has: those of its first ``kd.client_layers`` layers."""
         ell = self.kd.client_layers
         if ell is None:
@@ -218,7 +217,7 @@ class KDProtocol(Protocol):
         client_id = self.setup.federation.clients[client].client_id
         responses = self.responses(state, round_)
         positions = sum(len(r) for r in responses)
-        arrays = {**adapter_payload(state.global_adapter, self.client_modules(self.modules)), RESPONSES: proxy_lib.responses_tensor(responses, self.kd.proxy.max_new_tokens)}
+        arrays = {**adapter_payload(state.global_adapter, self.within_client_layers(self.modules)), RESPONSES: proxy_lib.responses_tensor(responses, self.kd.proxy.max_new_tokens)}
         arrays.update(state.tensors)  # FedMD: the last round's consensus and its responses
         meta = {"stage": "kd", "client": client_id, "round": round_, "seed": derived_seed(self.config.seed, "train", round_, client_id), "shares_base": shares_base}
         reply = yield Message(arrays, meta)
