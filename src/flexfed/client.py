@@ -32,6 +32,9 @@ from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
 from flexfed.lora import Adapter, Factors, get_adapter, lora_modules, lora_scale, peft_config, set_adapter
 
+Loss = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]  # (model, batch) -> the loss to minimise
+
+
 class ClientFailure(RuntimeError):
     """A client could not produce an update (e.g. its examples failed to load); the message names it."""
 
@@ -116,18 +119,23 @@ def batch_schedule(lengths: Sequence[int], batch_size: int, steps: int, seed: in
         yield batches.pop()
 
 
-def response_token_losses(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy at every labelled position, and where those are (rows x positions, shifted).
+def response_logits(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict each labelled token (one row per labelled position, rows in
+    order, positions in order within a row), and where those are (rows x positions, shifted).
 
     Computes the output projection only where there is a label: prompt and padding positions
     dominate the sequence, and the vocabulary-sized projection is the costliest layer there.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep
+    keep = batch["labels"][:, 1:] != IGNORE
+    return base.get_output_embeddings()(hidden[:, :-1][keep]), keep
+
+
+def response_token_losses(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy at every labelled position, and where those are (rows x positions, shifted)."""
+    logits, keep = response_logits(model, batch)
+    return F.cross_entropy(logits.float(), batch["labels"][:, 1:][keep], reduction="none"), keep
 
 
 def local_steps(training: TrainingConfig, num_examples: int) -> int:
@@ -241,14 +249,10 @@ class LocalTrainer:
             for name, original in originals.items():
                 layers[name].get_base_layer().weight.data = original
 
-    def _optimizer(self, params):
-        t = self.training
+    def _optimizer(self, params, t: TrainingConfig):
         if t.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-
-    def _num_steps(self, num_examples: int) -> int:
-        return local_steps(self.training, num_examples)
 
     def train(
         self,
@@ -259,9 +263,12 @@ class LocalTrainer:
         trainable: Sequence[str] = ("a", "b"),
         frames: Mapping[str, Factors] | None = None,
         rule: LocalRule | None = None,
+        loss: Loss | None = None,
+        training: TrainingConfig | None = None,
     ) -> ClientResult:
         """Train from ``start`` on ``examples``; deterministic for a given ``seed`` (``frames``: see
-        ``activate``; ``rule``: the method's penalty and pruning, see the module docstring)."""
+        ``activate``; ``rule``: the method's penalty and pruning, see the module docstring;
+        ``loss`` and ``training``: see ``fit``)."""
         began = time.perf_counter()
         name = self.activate(start, trainable, frames)
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
@@ -269,7 +276,7 @@ class LocalTrainer:
         if rule is not None:
             live = {n: (layer.lora_B[name].weight, layer.lora_A[name].weight) for n, layer in lora_modules(self.peft_model).items()}
             penalty = lambda: rule.penalty(live)  # noqa: E731
-        losses, tokens, cost = self.fit(client_id, self.peft_model, params, examples, seed, penalty, {n: f.rank for n, f in start.items()})
+        losses, tokens, cost = self.fit(client_id, self.peft_model, params, examples, seed, penalty, {n: f.rank for n, f in start.items()}, loss, training)
         return ClientResult(
             client_id=client_id,
             adapter=self.finish(start, get_adapter(self.peft_model, adapter_name=name), rule),
@@ -304,20 +311,25 @@ class LocalTrainer:
         seed: int,
         penalty: Callable[[], torch.Tensor] | None = None,
         ranks: Mapping[str, int] | None = None,
+        loss: Loss | None = None,
+        training: TrainingConfig | None = None,
     ) -> tuple[list[float], int, dict]:
         """The local optimisation loop: per-step data losses, real tokens processed, and the
         client's cost (``flexfed.cost``; ``ranks``: the LoRA ranks trained, none for SLoRA's stage).
 
         ``penalty`` (the method's regulariser over the live factors) is added to what is minimised;
-        the recorded losses stay the data loss, comparable across methods."""
+        the recorded losses stay the data loss, comparable across methods. ``loss`` replaces the
+        response cross-entropy (KD's distillation; its batch also holds ``rows``, the indices of
+        its examples in ``examples``), and ``training`` the trainer's optimiser and step budget."""
         if not examples:
             raise ValueError(f"client {client_id}: no training examples")
-        optimizer = self._optimizer(params)
-        with self._example_dp(model, optimizer, penalty) as optimizer:
-            return self._fit(client_id, model, params, optimizer, examples, seed, penalty, ranks)
+        t = training or self.training
+        optimizer = self._optimizer(params, t)
+        with self._example_dp(model, optimizer, penalty, t) as optimizer:
+            return self._fit(client_id, model, params, optimizer, examples, seed, penalty, ranks, loss or response_loss, t)
 
     @contextmanager
-    def _example_dp(self, model, optimizer, penalty) -> Iterator[torch.optim.Optimizer]:
+    def _example_dp(self, model, optimizer, penalty, t: TrainingConfig) -> Iterator[torch.optim.Optimizer]:
         """The optimizer, made DP-SGD's by Opacus when ``privacy.local`` is on: per-example
         gradients (``GradSampleModule``'s hooks, removed afterwards: the model is shared by every
         client), each clipped to C, summed, noised with N(0, (σC)²) and divided by the batch size."""
@@ -335,11 +347,11 @@ class LocalTrainer:
                 # Opacus's backward hooks fire on module outputs only, as the frozen base needs no input gradients
                 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
                 yield DPOptimizer(optimizer, noise_multiplier=self.local_dp.noise_multiplier, max_grad_norm=self.local_dp.clip_norm,
-                                  expected_batch_size=self.training.batch_size, loss_reduction="mean")
+                                  expected_batch_size=t.batch_size, loss_reduction="mean")
         finally:
             hooked._close()
 
-    def _fit(self, client_id, model, params, optimizer, examples, seed, penalty, ranks) -> tuple[list[float], int, dict]:
+    def _fit(self, client_id, model, params, optimizer, examples, seed, penalty, ranks, loss_of: Loss, t: TrainingConfig) -> tuple[list[float], int, dict]:
         torch.manual_seed(seed)
         lengths = [len(e.input_ids) for e in examples]
         losses, tokens = [], 0
@@ -347,14 +359,17 @@ class LocalTrainer:
         if cost:
             cost.reset_peak()
         model.train()
-        for indices in batch_schedule(lengths, self.training.batch_size, self._num_steps(len(examples)), seed):
+        for indices in batch_schedule(lengths, t.batch_size, local_steps(t, len(examples)), seed):
             batch = collate([examples[i] for i in indices], self.pad_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = {k: v.to(self.device) for k, v in {**batch, "rows": torch.tensor(indices)}.items()}
             counter = cost.flop_counter() if cost else None
             with counter or nullcontext():
                 with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-                    token_losses, keep = response_token_losses(model, batch)
-                loss = token_losses.mean()
+                    if self.local_dp is None:
+                        loss = loss_of(model, batch)
+                    else:
+                        token_losses, keep = response_token_losses(model, batch)
+                        loss = token_losses.mean()
                 if self.local_dp is not None:  # DP-SGD clips each example's gradient: the loss must separate by example
                     objective = example_mean(token_losses, keep)
                 else:
@@ -365,8 +380,8 @@ class LocalTrainer:
                 objective.backward()
             if cost:
                 cost.add(batch, counter.get_total_flops() if counter else None)
-            if self.training.max_grad_norm and self.local_dp is None:  # DP-SGD clips per example instead
-                torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm)
+            if t.max_grad_norm and self.local_dp is None:  # DP-SGD clips per example instead
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
             tokens += int(batch["attention_mask"].sum())

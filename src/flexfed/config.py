@@ -239,6 +239,40 @@ class AttackConfig(_Section):
     scale: float = 10.0  # kind=scale: the factor on the honest change
 
 
+class KDProxyConfig(_Section):
+    """KD-FedLLM's public proxy set: prompts only, read by every party (``flexfed.kd.proxy``)."""
+
+    path: str | None = None  # a JSONL file, one {"prompt": ..., "definition": optional} per line
+    tasks: list[str] = Field(default_factory=list)  # no path: prompts of these unseen tasks (empty: every unseen task)
+    prompts: int = Field(16, ge=1)  # at most this many prompts, a seeded draw
+    max_new_tokens: int = Field(16, ge=1)  # response tokens the global model generates per prompt, each round
+
+
+class KDConfig(_Section):
+    """KD-FedLLM (``federation.method=kd``, docs/kd.md): clients send distributions on the proxy set."""
+
+    mode: Literal["feddf", "fedmd"] = "feddf"  # fedmd: clients also distil the last round's consensus first
+    encoding: Literal["full", "top-k", "labels"] = "top-k"  # what a client sends per scored position
+    k: int = Field(16, ge=1)  # top-k: tokens kept per position (at most the vocabulary size)
+    labels: list[str] = Field(default_factory=list)  # encoding=labels: the label words, one token each
+    temperature: float = Field(1.0, gt=0)  # T of the distributions and of the distillation's KL
+    mix_previous: float = Field(0.0, ge=0, lt=1)  # share of the previous global's distribution in the target
+    server_steps: int = Field(8, ge=1)  # distillation steps on the proxy set per round
+    server_lr: float = Field(1e-3, gt=0)
+    client_distill_steps: int = Field(4, ge=1)  # fedmd: steps a client distils the consensus before training
+    batch_size: int = Field(4, ge=1)  # proxy prompts per distillation step and per scoring pass
+    client_layers: int | None = Field(None, ge=1)  # clients run the first this many decoder layers (None: all)
+    proxy: KDProxyConfig = Field(default_factory=KDProxyConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.encoding == "labels") != bool(self.labels):
+            raise ValueError("kd.labels is required for kd.encoding=labels, and applies to it only")
+        if self.proxy.path is not None and self.proxy.tasks:
+            raise ValueError("kd.proxy: set path (a file of prompts) or tasks (unseen tasks), not both")
+        return self
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -256,6 +290,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     robust: RobustConfig = Field(default_factory=RobustConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)  # federation.method=kd only
 
     @property
     def run_dir(self) -> Path:
@@ -267,9 +302,15 @@ class RunConfig(_Section):
         from flexfed.protocol import FAMILIES
 
         method, options = self.federation.method, self.federation.method_options
+        if method != "kd" and self.kd != KDConfig():
+            raise ValueError(f"the kd section applies to federation.method=kd, not {method!r}")
         if method in FAMILIES:  # a protocol of its own: its config section holds its options
             if options:
                 raise ValueError(f"federation.method_options {options}: {method!r} takes its options from its own config section")
+            if self.federation.sparse_stage.rounds:
+                raise ValueError(f"federation.sparse_stage (SLoRA) is a stage of the weights protocol; {method!r} cannot run it")
+            if self.privacy.local.enabled:
+                raise ValueError(f"privacy.local (DP-SGD) covers the weights protocol's LoRA training; {method!r} cannot run it")
             return self
         if method not in Aggregator.registry:
             raise ValueError(f"federation.method {method!r} is not one of {sorted([*Aggregator.registry, *FAMILIES])}")

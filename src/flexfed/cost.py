@@ -109,6 +109,11 @@ class Architecture:
             layers=memory.layers, q_dim=memory.q_dim, hidden=memory.hidden, vocab=memory.vocab, memory=memory,
         )
 
+    def forward_flops(self, rows: int, width: int, scored: int) -> int:
+        """One inference pass (no gradients) over B rows of T tokens, the head on ``scored``
+        positions: 2 N B T through the body, 4 L q B T² attention, 2 h V per scored position."""
+        return 2 * self.body * rows * width + 4 * self.layers * self.q_dim * rows * width * width + 2 * self.hidden * self.vocab * scored
+
     def step_flops(self, rows: int, width: int, labelled: int, lora_params: int) -> int:
         tokens = rows * width
         body = 2 * self.body * tokens + 2 * (self.body - self.first_qkv) * tokens + 6 * lora_params * tokens

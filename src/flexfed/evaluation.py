@@ -49,13 +49,20 @@ def _stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions, batched by similar length with left padding and the KV cache."""
+    """Greedy completions as text (see ``generate_ids``)."""
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """Greedy completions' token ids, batched by similar length with left padding and the KV
+    cache; each ends at its first stop token (kept) or after ``max_new_tokens``."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
+    stops = set(_stop_ids(tokenizer))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -71,10 +78,12 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            eos_token_id=_stop_ids(tokenizer),
+            eos_token_id=sorted(stops),
         )
         for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+            ids = gen[row, width:].tolist()
+            end = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))
+            out[i] = ids[:end]  # what follows the first stop token is padding
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flexfed.client import ClientFailure
@@ -46,6 +46,9 @@ class Federation:
     eval_validation: list[EvalItem]  # other held-out instances of seen tasks: the best round is chosen on these
     seen_tasks: list[str]
     unseen_tasks: list[str]
+    # The unseen tasks with all their examples, evaluated or not: no client owns them (KD's
+    # proxy set may draw prompts from the examples that are not evaluated).
+    unseen_all: list[Task] = field(default_factory=list)
 
 
 def _subset(tasks: list[Task], limit: int, seed: int) -> list[tuple[Task, int]]:
@@ -126,6 +129,7 @@ def held_out_splits(config: RunConfig, tasks: list[Task]) -> dict[str, list[Task
         "validation": evaluated(validation, e.validation_examples, config.seed) if validation else [],
         "unseen": evaluated(unseen, e.unseen_examples, config.seed),
     }
+    unseen_all = unseen
     # Symmetric measure, so the "leaks" of training inputs against the evaluated ones are the
     # training inputs to drop.
     evaluated_tasks = [t for split in splits.values() for t in split]
@@ -140,7 +144,7 @@ def held_out_splits(config: RunConfig, tasks: list[Task]) -> dict[str, list[Task
         len(near),
         sum(len(t) for t in train),
     )
-    return {"train": train, **splits}
+    return {"train": train, **splits, "unseen_all": unseen_all}
 
 
 def build_federation(config: RunConfig, tokenizer) -> Federation:
@@ -172,6 +176,7 @@ def build_federation(config: RunConfig, tokenizer) -> Federation:
         eval_validation=eval_items(config, tokenizer, splits["validation"], sizes),
         seen_tasks=[t.name for t in train_tasks],
         unseen_tasks=[t.name for t in splits["unseen"]],
+        unseen_all=splits["unseen_all"],
     )
     log.info(
         "%d tasks (%d seen, %d unseen, %d categories unseen); %d clients; eval %d seen + %d unseen + %d validation examples",

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from flexfed.aggregation.base import LocalRule
 from flexfed.cost import FlopCount
-from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, batch_schedule, collate, response_token_losses
+from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, batch_schedule, collate, local_steps, response_token_losses
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
 from flexfed.lora import Adapter, Factors
@@ -106,9 +106,9 @@ class _Client:
         self.b = {n: f.b.to(device, torch.float32).clone().requires_grad_("b" in trainable) for n, f in job.start.items()}
         self.scale = {n: f.scale for n, f in job.start.items()}
         self.params = [t for n in sorted(job.start) for t in (self.a[n], self.b[n]) if t.requires_grad]
-        self.optimizer = trainer._optimizer(self.params)
+        self.optimizer = trainer._optimizer(self.params, trainer.training)
         lengths = [len(e.input_ids) for e in self.examples]
-        steps = trainer._num_steps(len(self.examples))
+        steps = local_steps(trainer.training, len(self.examples))
         self.schedule = batch_schedule(lengths, trainer.training.batch_size, steps, job.seed)
         self.losses: list[float] = []
         self.tokens = 0

@@ -42,7 +42,9 @@ Conversation = Generator[Message, Message, object]  # yields what it sends, rece
 
 # The methods that are protocols of their own (not a weights-protocol aggregator), by the
 # ``module:Class`` that implements them; imported only when a run selects one.
-FAMILIES: dict[str, str] = {}
+FAMILIES: dict[str, str] = {
+    "kd": "flexfed.kd.protocol:KDProtocol",  # KD-FedLLM: distributions on a public proxy set
+}
 
 
 def family_of(method: str) -> str | None:

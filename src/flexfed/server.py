@@ -69,6 +69,8 @@ class ServerState:
     # What the server's defences (privacy, robust aggregation) did this round; like ``rejected``,
     # recorded in the round's metrics line, not checkpointed.
     defence: dict | None = None
+    # A protocol's own named tensors that the next round needs (KD's FedMD consensus), checkpointed.
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Link:
@@ -332,6 +334,8 @@ def save_checkpoint(run_dir: Path, state: ServerState, keep: int = 2) -> Path:
     base_scales = _save_factors(tmp / "base_update.safetensors", state.base_update)
     if state.sparse:
         save_file({n: v.contiguous() for n, v in state.sparse.items()}, str(tmp / "sparse.safetensors"))
+    if state.tensors:
+        save_file({n: v.contiguous() for n, v in state.tensors.items()}, str(tmp / "tensors.safetensors"))
     meta = {"round": state.round, "scales": scales, "base_scales": base_scales, "metrics": state.metrics, "client_ranks": state.client_ranks}
     (tmp / "state.json").write_text(json.dumps(meta))
     from flexfed.models import sha256_file  # here: importing models (transformers) costs seconds
@@ -413,8 +417,9 @@ def load_checkpoint(run_dir: Path) -> ServerState | None:
     adapter = _load_factors(path / "global.safetensors", meta["scales"])
     base_update = _load_factors(path / "base_update.safetensors", meta.get("base_scales", {}))
     sparse_values = load_file(str(path / "sparse.safetensors")) if (path / "sparse.safetensors").exists() else {}
+    tensors = load_file(str(path / "tensors.safetensors")) if (path / "tensors.safetensors").exists() else {}
     client_ranks = {c: {n: int(r) for n, r in ranks.items()} for c, ranks in meta.get("client_ranks", {}).items()}
-    return ServerState(round=meta["round"], global_adapter=adapter, metrics=meta["metrics"], base_update=base_update, sparse=sparse_values, client_ranks=client_ranks)
+    return ServerState(round=meta["round"], global_adapter=adapter, metrics=meta["metrics"], base_update=base_update, sparse=sparse_values, client_ranks=client_ranks, tensors=tensors)
 
 
 def _save_factors(path: Path, adapter: Mapping[str, Factors]) -> dict[str, float]:
