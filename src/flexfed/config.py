@@ -226,6 +226,18 @@ class AttackConfig(_Section):
     scale: float = 10.0  # kind=scale: the factor on the honest change
 
 
+class ZOConfig(_Section):
+    """FedKSeed / FedKSeed-Pro (``federation.method=fedkseed|fedkseed-pro``, docs/zo.md); the
+    local steps τ are ``training.local_steps``."""
+
+    seeds: int = Field(4096, ge=1, le=2**24)  # K: the shared pool of perturbation seeds (indices travel as float32)
+    eps: float = Field(5e-4, gt=0)  # ε: the perturbation scale of the two-point estimate
+    lr: float = Field(3e-7, gt=0)  # η: the zeroth-order step size
+    # fnmatch patterns over parameter names (``model.layers.*.mlp.*``); null: every parameter (the paper)
+    modules: list[str] | None = None
+    chunk: int = Field(2**20, ge=1)  # elements of z drawn at once; part of the stream every party regenerates
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -243,6 +255,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     robust: RobustConfig = Field(default_factory=RobustConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    zo: ZOConfig = Field(default_factory=ZOConfig)
 
     @property
     def run_dir(self) -> Path:
