@@ -294,6 +294,7 @@ class FedKSeed(Protocol):
         check_config(config)
         self.config, self.zo, self.setup = config, config.zo, setup
         self.pool = seed_pool(config.seed, self.zo.seeds)
+        tuned_parameters(setup.trainer.base_model, self.zo.modules)  # a pattern that matches nothing fails here
         self.k = self.zo.seeds
         # The server's state: the round vectors A_1..A_r and their hash chain, FedKSeed-Pro's
         # importance statistics, and how many rounds each client was sent (client index -> count).
