@@ -126,12 +126,15 @@ def _run_overrides(tmp_path, name, *extra):
     return [f"output_dir={tmp_path}", f"name={name}", "federation.method=fedkseed", "data.partition=iid", "data.num_clients=2", *extra]
 
 
-def _strip(metrics):
-    drop = {"time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s", "time_overhead_s", "seconds", "replay_seconds"}
+TIMINGS = {"time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s", "time_overhead_s", "seconds", "replay_seconds"}
+
+
+def _strip(metrics, drop=frozenset()):
+    """Metrics without their timings (and ``drop``), at every depth."""
     if isinstance(metrics, dict):
-        return {k: _strip(v) for k, v in metrics.items() if k not in drop}
+        return {k: _strip(v, drop) for k, v in metrics.items() if k not in TIMINGS | drop}
     if isinstance(metrics, list):
-        return [_strip(v) for v in metrics]
+        return [_strip(v, drop) for v in metrics]
     return metrics
 
 
@@ -219,3 +222,50 @@ def test_settings_it_cannot_honour_are_refused(tmp_path, override, field):
     config = load_config("tiny", _run_overrides(tmp_path, "refused", override))
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         Runner(config)
+
+
+@pytest.fixture
+def local_federation(tmp_path):
+    """A LocalFederation (real SuperLink and SuperNodes on loopback); stopped at teardown."""
+    from flexfed.engines.flower.deploy import LocalFederation
+
+    started = []
+
+    def make():
+        started.append(LocalFederation(tmp_path / "fed"))
+        return started[-1]
+
+    yield make
+    for fed in started:
+        fed.stop()
+        assert not any(p.alive() for p in fed.processes)
+
+
+def test_flower_nodes_replay_the_history_to_the_servers_weights_bit_for_bit(tmp_path, local_federation):
+    """Two SuperNodes, each rebuilding the global model from the base by replaying what it was sent:
+    every reply carries the hash of the weights it trained from, which the server checks against
+    its own (a mismatch is refused), and the run equals the in-process simulator's."""
+    from flexfed.engines.flower.deploy import node_config_string
+    from flexfed.engines.flower.project import write_app
+
+    extra = ["federation.sample_fraction=1.0", "federation.rounds=2", "training.local_steps=3", "zo.seeds=16", "zo.lr=1e-3", "zo.eps=1e-3",
+             "zo.chunk=100000", "eval.every=2", "eval.seen_examples=1", "eval.unseen_examples=1", "eval.validation_examples=1", "flower.min_nodes=2"]
+    fed = local_federation()
+    fed.start_superlink()
+    for k in range(2):
+        fed.start_supernode(f"node{k}", node_config_string(partition=(k, 2)))
+    config = load_config("tiny", _run_overrides(tmp_path / "flower", "zo", *extra))
+    run_id = fed.submit(write_app(tmp_path / "app", config))
+    reference = load_config("tiny", _run_overrides(tmp_path / "inproc", "zo", *extra))
+    simulation.run(reference, show_progress=False)
+    status = fed.wait_for_run(run_id, timeout=240)
+    assert status["status"] == "finished:completed", fed.logs(run_id)[-4000:]
+
+    flower, inproc = _metrics(config.run_dir), _metrics(reference.run_dir)
+    assert [m["clients_reported"] for m in flower[1:]] == [2, 2]  # no start was refused
+    node_only = {"wire_bytes_up", "wire_bytes_down", "array_bytes_up", "array_bytes_down", "node", "replay_rounds", "replay_seeds"}
+    assert _strip(flower, node_only) == _strip(inproc)  # same history hashes, losses, bytes
+    for c in flower[2]["clients"]:  # each node reloaded the base and replayed round 1 (its own training had moved its weights)
+        assert c["replay_rounds"] == 1 and c["replay_seeds"] == flower[1]["zo_seeds_updated"] and c["array_bytes_down"] == c["bytes_down"] == 16 * 4
+    for r in (1, 2):
+        assert (config.run_dir / "zo" / f"round-{r:04d}.safetensors").read_bytes() == (reference.run_dir / "zo" / f"round-{r:04d}.safetensors").read_bytes()

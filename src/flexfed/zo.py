@@ -356,20 +356,33 @@ class FedKSeed(Protocol):
     def conversation(self, state: ServerState, round_: int, client: int, shares_base: bool):
         who = self.client_ids[client]
         have = self.known.get(client, 0)
-        missing = torch.stack(self.history[have:]) if have < len(self.history) else torch.zeros(0, self.k)
-        arrays = {"scalars": missing}
-        if self.pro:
-            arrays["probabilities"] = self.probabilities().view(1, -1)
-        meta = {"client": who, "round": round_, "seed": derived_seed(self.config.seed, "zo-client", round_, who), "shares_base": shares_base,
-                "first": have + 1, "chain_before": self.chain[have], "chain": self.chain[-1]}
+        meta = {"client": who, "round": round_, "seed": derived_seed(self.config.seed, "zo-client", round_, who), "shares_base": shares_base}
         try:
-            reply = yield Message(arrays, meta)
+            for _ in range(2):
+                reply = yield self.downlink(have, meta)
+                if "holds_rounds" not in reply.meta:
+                    break
+                # A node that lost the history it was sent (restarted, or it served another run) says
+                # what it holds; it gets the rest in a second exchange of the same round.
+                held = int(reply.meta["holds_rounds"])
+                have = held if 0 <= held < have and self.chain[held] == str(reply.meta.get("holds_chain")) else 0
+            else:
+                raise UpdateRejected(f"client {who}: still lacks the history after it was sent from round {have + 1}")
             update = self.check(who, reply)
         except BaseException:
             self.known.pop(client, None)  # it may hold anything now: send it everything next time
             raise
         self.known[client] = len(self.history)
         return update
+
+    def downlink(self, have: int, meta: dict) -> Message:
+        """The round vectors after the first ``have`` (K float32 each), Pro's probabilities, and the
+        history's hashes that let a node check it continues what it holds."""
+        missing = torch.stack(self.history[have:]) if have < len(self.history) else torch.zeros(0, self.k)
+        arrays = {"scalars": missing}
+        if self.pro:
+            arrays["probabilities"] = self.probabilities().view(1, -1)
+        return Message(arrays, {**meta, "first": have + 1, "chain_before": self.chain[have], "chain": self.chain[-1]})
 
     def check(self, who: str, reply: Message) -> Update:
         """``UpdateRejected`` unless the reply is one seed index in the pool and one finite scalar per
@@ -458,15 +471,17 @@ class FedKSeed(Protocol):
 
     # ------------------------------------------------------------------ the client's side
 
+    def continues(self, meta) -> bool:
+        """Whether the history this node holds continues into the message's first round."""
+        first = int(meta["first"])
+        return first - 1 <= len(self.store) and self.store_chain[first - 1] == meta["chain_before"]
+
     def _catch_up(self, setup, message: Message, params, plan) -> dict:
         """Bring a node's history and weights to the message's global model (replayed from the base)."""
         m, who = message.meta, str(message.meta["client"])
         first, rows = int(m["first"]), message.arrays["scalars"]
         if rows.dim() != 2 or rows.shape[1] != self.k:
             raise ValueError(f"client {who}: round vectors of shape {tuple(rows.shape)}, expected rounds x {self.k}")
-        if first - 1 > len(self.store) or self.store_chain[first - 1] != m["chain_before"]:
-            raise ValueError(f"client {who}: this node holds {len(self.store)} rounds of history, which do not continue into round {first} "
-                             "(restarted, or it served another run); the server sends the whole history next time")
         store, chain = self.store[: first - 1] + [r.float() for r in rows], self.store_chain[:first]
         for r in store[first - 1 :]:
             chain.append(chain_hash(chain[-1], r))
@@ -498,6 +513,9 @@ class FedKSeed(Protocol):
             who = str(message.meta["client"])
             try:
                 began = time.perf_counter()
+                if not message.meta["shares_base"] and not self.continues(message.meta):
+                    out.append(Message({}, {"client": who, "holds_rounds": len(self.store), "holds_chain": self.store_chain[-1]}))
+                    continue
                 if message.meta["shares_base"]:  # the server's own trainer: restore it from the server's copy
                     if self.trainer_dirty:
                         self.sync(trainer, None)
