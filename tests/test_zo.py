@@ -269,3 +269,35 @@ def test_flower_nodes_replay_the_history_to_the_servers_weights_bit_for_bit(tmp_
         assert c["replay_rounds"] == 1 and c["replay_seeds"] == flower[1]["zo_seeds_updated"] and c["array_bytes_down"] == c["bytes_down"] == 16 * 4
     for r in (1, 2):
         assert (config.run_dir / "zo" / f"round-{r:04d}.safetensors").read_bytes() == (reference.run_dir / "zo" / f"round-{r:04d}.safetensors").read_bytes()
+
+
+def test_late_joiners_and_nodes_that_lost_their_history_catch_up_by_replaying(tmp_path):
+    """The server's end and two node ends (each with its own model, ``shares_base`` False) in one
+    process: a client new in round 3 is sent rounds 1-2 and replays them; a node restarted empty
+    says what it holds and gets the whole history in a second exchange of the same round. Every
+    reply is accepted only if it trained from the server's weights, bit for bit."""
+    from flexfed.build import Setup
+    from flexfed.protocol import Failure, converse
+
+    config = load_config("tiny", _run_overrides(tmp_path, "nodes", "data.num_clients=3", "training.local_steps=2", "zo.seeds=8", "zo.lr=1e-3", "zo.eps=1e-3"))
+    server = zo.FedKSeedPro(Setup(config))
+    node = zo.FedKSeedPro(Setup(config), serve=False)
+    state = server.initial_state()
+
+    def round_(r, clients, end):
+        conversations = {c: server.conversation(state, r, c, shares_base=False) for c in clients}
+        out = converse(conversations, lambda wave: dict(zip(wave, end.serve(end.setup, list(wave.values())))))
+        assert not [o.error for o in out.values() if isinstance(o, Failure)]
+        return server.combine(state, r, [out[c].update for c in clients], [1.0] * len(clients)), out
+
+    state, _ = round_(1, [0], node)
+    state, out = round_(2, [0], node)
+    assert out[0].bytes_down == 8 * 4 + 8 * 4  # round 1's vector and the probabilities
+    assert out[0].update.catch_up["catch_up_rounds"] == 1 and out[0].update.catch_up["replay_rounds"] == 1
+    state, out = round_(3, [0, 2], node)  # client 2 joins late: rounds 1 and 2, and the node replays both from the base
+    assert out[2].update.catch_up["catch_up_rounds"] == 2 and out[2].bytes_down == 2 * 8 * 4 + 8 * 4
+    restarted = zo.FedKSeedPro(Setup(config), serve=False)
+    state, out = round_(4, [0], restarted)  # sent round 3 only; holds nothing; gets rounds 1-3
+    assert out[0].update.catch_up["catch_up_rounds"] == 3 and out[0].update.catch_up["replay_rounds"] == 3
+    assert out[0].bytes_down == (1 * 8 * 4 + 8 * 4) + (3 * 8 * 4 + 8 * 4)  # both exchanges are counted
+    assert len(server.history) == 4 and restarted.store_chain[-1] == server.chain[3]

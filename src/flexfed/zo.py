@@ -29,7 +29,9 @@ the client reports) and, for Pro, the probabilities. A client brings its weights
 model by replaying them from the base, trains τ steps, and replies with its pairs and the hash of
 the weights it started from; the server refuses a reply whose start is not its own global model.
 A Flower node keeps the history it was sent (K floats a round) and, since its own training leaves
-its weights moved, reloads the base and replays the whole history before each client it serves.
+its weights moved, reloads the base and replays the whole history before each client it serves;
+a node that lost its history (restarted) replies with what it holds instead, and the server sends
+the rest in a second exchange of the same round (both counted in the bytes).
 In the in-process simulator the server keeps the global weights on the CPU and restores the
 shared trainer from them (the server's copy, not a client's).
 
