@@ -214,7 +214,7 @@ class LocalResult:
     cost: dict
 
 
-def train_local(trainer, params, plan, pool, probabilities, examples, steps: int, seed: int, eps: float, lr: float, chunk: int) -> LocalResult:
+def train_local(trainer, params, plan, pool, probabilities, examples, steps: int, seed: int, eps: float, lr: float, chunk: int, client_id: str = "") -> LocalResult:
     """τ zeroth-order steps of one client on ``trainer``'s model (moved in place)."""
     model, device = trainer.base_model, trainer.device
     chosen = sample_seeds(probabilities, len(pool), steps, derived_seed(seed, "zo-seeds"))
@@ -230,7 +230,7 @@ def train_local(trainer, params, plan, pool, probabilities, examples, steps: int
             with torch.no_grad(), torch.autocast(device.type, dtype=trainer.autocast or torch.float32, enabled=trainer.autocast is not None):
                 value = response_loss(model, batch).item()
             if value != value or value in (float("inf"), float("-inf")):
-                raise FloatingPointError(f"non-finite training loss at step {step}")
+                raise FloatingPointError(f"client {client_id}: non-finite training loss at step {step}")
             return value
 
         counter = FlopCounterMode(display=False) if counted is None and trainer.arch else None
@@ -308,6 +308,7 @@ class FedKSeed(Protocol):
         self.client_ids = [c.client_id for c in setup.federation.clients]
         self.global_weights: list[torch.Tensor] | None = None  # the server's copy, on the CPU (in-process engine)
         self.global_round = 0
+        self._hash: tuple[int, str] = (-1, "")
         self.trainer_dirty = False  # the shared trainer moved by a client since it was last restored
         # A node's state: the history it was sent, and how many of its rounds its weights hold (None: moved by training).
         self.store: list[torch.Tensor] = []
@@ -334,6 +335,13 @@ class FedKSeed(Protocol):
             replay_round(self.global_weights, plan, self.pool, self.history[self.global_round], self.zo.lr, trainer.device)
             self.global_round += 1
         return self.global_weights
+
+    def global_hash(self) -> str:
+        """SHA-256 of the server's global weights (computed once per round)."""
+        weights = self._server_weights(self.setup.trainer)
+        if self._hash[0] != self.global_round:
+            self._hash = (self.global_round, weights_hash(weights))
+        return self._hash[1]
 
     def sync(self, trainer, state: ServerState) -> None:
         weights = self._server_weights(trainer)
@@ -400,7 +408,7 @@ class FedKSeed(Protocol):
         if not torch.isfinite(scalars).all():
             raise UpdateRejected(f"client {who}: non-finite scalar gradients")
         start = reply.meta.get("start_sha256")
-        expected = weights_hash(self._server_weights(self.setup.trainer))
+        expected = self.global_hash()
         if start != expected:
             raise UpdateRejected(f"client {who}: trained from weights {str(start)[:12]}, not the global model {expected[:12]} (replay diverged)")
         catch_up = {k: reply.meta[k] for k in ("catch_up_rounds", "replay_rounds", "replay_seeds", "replay_seconds") if k in reply.meta}
@@ -469,7 +477,7 @@ class FedKSeed(Protocol):
                 raise RuntimeError(f"{path}: its scalars do not match the hash recorded for round {r} in the checkpoint's metrics")
         self.amplitude_sum, self.amplitude_count = tensors["amplitude_sum"], tensors["amplitude_count"]
         self.known = {c: int(n) for c, n in enumerate(tensors["known"].tolist()) if n >= 0}
-        self.global_weights, self.global_round = None, 0  # replayed from the base on first use
+        self.global_weights, self.global_round, self._hash = None, 0, (-1, "")  # replayed from the base on first use
 
     # ------------------------------------------------------------------ the client's side
 
@@ -534,7 +542,7 @@ class FedKSeed(Protocol):
                 self.trainer_dirty, self.node_round = True, None
                 steps = trainer._num_steps(len(examples))
                 z = self.zo
-                result = train_local(trainer, params, plan, self.pool, probabilities, examples, steps, int(message.meta["seed"]), z.eps, z.lr, z.chunk)
+                result = train_local(trainer, params, plan, self.pool, probabilities, examples, steps, int(message.meta["seed"]), z.eps, z.lr, z.chunk, who)
                 stats = {"client": who, "num_examples": len(examples), "loss": sum(result.losses) / len(result.losses), "losses": result.losses,
                          "tokens": result.tokens, "seconds": time.perf_counter() - began, **result.cost, **catch_up, "start_sha256": start}
                 arrays = {"seeds": torch.tensor([result.seeds], dtype=torch.float32), "scalars": torch.tensor([result.scalars], dtype=torch.float32)}
