@@ -215,6 +215,7 @@ def test_resume_continues_bit_exactly(tmp_path):
     ("privacy.clip_norm=1.0", "privacy.clip_norm"),
     ("robust.aggregate=median", "robust"),
     ("attack.fraction=0.5", "attack.fraction"),
+    ("federation.sparse_stage.rounds=1", "federation.sparse_stage"),
     ("resources.distribution=uniform", "resources.distribution"),
     ("zo.modules=[no.such.*]", "zo.modules"),
 ])
