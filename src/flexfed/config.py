@@ -270,6 +270,8 @@ class RunConfig(_Section):
         if method in FAMILIES:  # a protocol of its own: its config section holds its options
             if options:
                 raise ValueError(f"federation.method_options {options}: {method!r} takes its options from its own config section")
+            if self.federation.sparse_stage.rounds:
+                raise ValueError(f"federation.sparse_stage is SLoRA's stage of the weights protocol; {method!r} is a protocol of its own")
             return self
         if method not in Aggregator.registry:
             raise ValueError(f"federation.method {method!r} is not one of {sorted([*Aggregator.registry, *FAMILIES])}")

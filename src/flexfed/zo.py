@@ -280,8 +280,6 @@ def check_config(config) -> None:
         raise ValueError(f"robust: {method} has no robust aggregation of seed scalars; leave robust at its defaults")
     if config.attack.fraction:
         raise ValueError(f"attack.fraction: {method} has no simulated attackers")
-    if config.federation.sparse_stage.rounds:
-        raise ValueError(f"federation.sparse_stage is SLoRA's stage; {method} tunes the weights themselves")
     if config.resources.distribution != "homogeneous":
         raise ValueError(f"resources.distribution={config.resources.distribution!r}: {method} trains no LoRA, so rank heterogeneity does not apply")
 
