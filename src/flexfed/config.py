@@ -273,6 +273,18 @@ class KDConfig(_Section):
         return self
 
 
+class ZOConfig(_Section):
+    """FedKSeed / FedKSeed-Pro (``federation.method=fedkseed|fedkseed-pro``, docs/zo.md); the
+    local steps τ are ``training.local_steps``."""
+
+    seeds: int = Field(4096, ge=1, le=2**24)  # K: the shared pool of perturbation seeds (indices travel as float32)
+    eps: float = Field(5e-4, gt=0)  # ε: the perturbation scale of the two-point estimate
+    lr: float = Field(3e-7, gt=0)  # η: the zeroth-order step size
+    # fnmatch patterns over parameter names (``model.layers.*.mlp.*``); null: every parameter (the paper)
+    modules: list[str] | None = None
+    chunk: int = Field(2**20, ge=1)  # elements of z drawn at once; part of the stream every party regenerates
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -291,6 +303,7 @@ class RunConfig(_Section):
     robust: RobustConfig = Field(default_factory=RobustConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     kd: KDConfig = Field(default_factory=KDConfig)  # federation.method=kd only
+    zo: ZOConfig = Field(default_factory=ZOConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -304,6 +317,8 @@ class RunConfig(_Section):
         method, options = self.federation.method, self.federation.method_options
         if method != "kd" and self.kd != KDConfig():
             raise ValueError(f"the kd section applies to federation.method=kd, not {method!r}")
+        if method not in ("fedkseed", "fedkseed-pro") and self.zo != ZOConfig():
+            raise ValueError(f"the zo section applies to federation.method=fedkseed or fedkseed-pro, not {method!r}")
         if method in FAMILIES:  # a protocol of its own: its config section holds its options
             if options:
                 raise ValueError(f"federation.method_options {options}: {method!r} takes its options from its own config section")

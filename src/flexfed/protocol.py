@@ -44,6 +44,8 @@ Conversation = Generator[Message, Message, object]  # yields what it sends, rece
 # ``module:Class`` that implements them; imported only when a run selects one.
 FAMILIES: dict[str, str] = {
     "kd": "flexfed.kd.protocol:KDProtocol",  # KD-FedLLM: distributions on a public proxy set
+    "fedkseed": "flexfed.zo:FedKSeed",
+    "fedkseed-pro": "flexfed.zo:FedKSeedPro",
 }
 
 

@@ -394,12 +394,13 @@ def check_methods(specs: list[RunSpec]) -> None:
     from flexfed.models import load_skeleton
     from flexfed.resources import client_profiles
     from flexfed.aggregation.weights import check_method
+    from flexfed.protocol import family_of
 
     shapes: dict[tuple, dict] = {}
     for spec in specs:
         c = spec.config
-        if c.resources.distribution == "memory":
-            continue
+        if c.resources.distribution == "memory" or family_of(c.federation.method):
+            continue  # a protocol of its own (protocol.FAMILIES) checks its config when built
         try:
             key = (c.model.name, c.model.dtype, tuple(c.lora.target_modules))
             if key not in shapes:

@@ -68,7 +68,7 @@ def runtime(config_yaml: str, node_config: Mapping) -> NodeRuntime:
         update["device"] = str(node_config["device"])
     config = config.model_copy(update=update) if update else config
     # Only what changes the model, the data, the training or the payloads decides whether to rebuild.
-    fields = {k: True for k in ("seed", "device", "model", "data", "lora", "training", "eval", "kd")}
+    fields = {k: True for k in ("seed", "device", "model", "data", "lora", "training", "eval", "kd", "zo")}
     relevant = config.model_dump(mode="json", include={**fields, "federation": True})
     key = hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()
     if key not in _RUNTIMES:
