@@ -19,6 +19,7 @@ from flexfed.config import load_config
 from flexfed.engines import simulation
 from flexfed.engines.flower.deploy import LocalFederation, make_certs, node_config_string
 from flexfed.engines.flower.project import write_app
+from flexfed.engines.flower.serverapp import FlowerExecutor
 from flexfed.lora import load_adapter
 from flexfed.server import Server, load_checkpoint
 
@@ -40,7 +41,7 @@ BASE = [
 ]
 RUN_TIMEOUT = 240
 NOT_COMPARED = {"time_train_s", "time_aggregate_s", "time_eval_s", "time_round_s", "time_overhead_s", "seconds"}
-FLOWER_ONLY = {"wire_bytes_up", "wire_bytes_down", "array_bytes_up", "array_bytes_down", "node", "time_roundtrip_s", "time_outside_client_s"}
+FLOWER_ONLY = set(FlowerExecutor.record_fields) - {"wire_bytes_down_unconfirmed"}  # what the Flower engine adds to a client record
 
 
 def _metrics(run_dir):

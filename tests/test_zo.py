@@ -263,7 +263,9 @@ def test_flower_nodes_replay_the_history_to_the_servers_weights_bit_for_bit(tmp_
 
     flower, inproc = _metrics(config.run_dir), _metrics(reference.run_dir)
     assert [m["clients_reported"] for m in flower[1:]] == [2, 2]  # no start was refused
-    node_only = {"wire_bytes_up", "wire_bytes_down", "array_bytes_up", "array_bytes_down", "node", "replay_rounds", "replay_seeds"}
+    from flexfed.engines.flower.serverapp import FlowerExecutor
+
+    node_only = FlowerExecutor.record_fields | {"replay_rounds", "replay_seeds"}
     assert _strip(flower, node_only) == _strip(inproc)  # same history hashes, losses, bytes
     for c in flower[2]["clients"]:  # each node reloaded the base and replayed round 1 (its own training had moved its weights)
         assert c["replay_rounds"] == 1 and c["replay_seeds"] == flower[1]["zo_seeds_updated"] and c["array_bytes_down"] == c["bytes_down"] == 16 * 4

@@ -139,6 +139,9 @@ class FlowerExecutor(Executor):
 
     name = "flower"
     shares_base = False  # a node keeps no server state between messages
+    # What it adds to a client's record in metrics.jsonl (``annotate``; docs/flower.md)
+    record_fields = frozenset({"node", "array_bytes_down", "array_bytes_up", "wire_bytes_down", "wire_bytes_up", "wire_bytes_down_unconfirmed",
+                               "time_roundtrip_s", "time_outside_client_s"})
 
     def __init__(self, grid: Grid):
         self.grid = grid
