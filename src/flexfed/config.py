@@ -226,6 +226,19 @@ class AttackConfig(_Section):
     scale: float = 10.0  # kind=scale: the factor on the honest change
 
 
+class SplitConfig(_Section):
+    """federation.method=split (Split-FedLLM, docs/split.md): where the model is cut and how the
+    server trains its part."""
+
+    cut_layer: int = Field(1, ge=1)  # ℓ: the client runs the embeddings and decoder blocks 1..ℓ
+    tail_layers: int = Field(0, ge=0)  # U-shape: the client also runs the last blocks and the head (labels stay home)
+    server_mode: Literal["v1", "v2"] = "v1"  # SplitFed v1: a server-part copy per client, averaged; v2: one, updated client after client
+    server_rank: int | None = Field(None, ge=1)  # LoRA rank of the server part (null: lora.rank)
+    wire_dtype: Literal["model", "bfloat16", "float16"] = "model"  # activations and their gradients on the wire
+    client_method: str = "fedit"  # how the client parts' LoRA is aggregated: a weights-protocol method
+    client_method_options: dict[str, Any] = Field(default_factory=dict)
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -243,6 +256,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     robust: RobustConfig = Field(default_factory=RobustConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)  # federation.method=split only
 
     @property
     def run_dir(self) -> Path:
@@ -254,9 +268,15 @@ class RunConfig(_Section):
         from flexfed.protocol import FAMILIES
 
         method, options = self.federation.method, self.federation.method_options
+        if method != "split" and self.split != SplitConfig():
+            raise ValueError(f"the split section applies to federation.method=split only, not {method!r}")
         if method in FAMILIES:  # a protocol of its own: its config section holds its options
             if options:
                 raise ValueError(f"federation.method_options {options}: {method!r} takes its options from its own config section")
+            if method == "split":
+                from flexfed.split.checks import check_config
+
+                check_config(self)
             return self
         if method not in Aggregator.registry:
             raise ValueError(f"federation.method {method!r} is not one of {sorted([*Aggregator.registry, *FAMILIES])}")

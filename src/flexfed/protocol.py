@@ -42,7 +42,9 @@ Conversation = Generator[Message, Message, object]  # yields what it sends, rece
 
 # The methods that are protocols of their own (not a weights-protocol aggregator), by the
 # ``module:Class`` that implements them; imported only when a run selects one.
-FAMILIES: dict[str, str] = {}
+FAMILIES: dict[str, str] = {
+    "split": "flexfed.split.protocol:SplitProtocol",  # Split-FedLLM (docs/split.md)
+}
 
 
 def family_of(method: str) -> str | None:
