@@ -82,13 +82,29 @@ def squared_norm(grads: Sequence[torch.Tensor]) -> float:
     return float(sum(float(torch.linalg.vector_norm(g.float())) ** 2 for g in grads))
 
 
+def _gradients(output: torch.Tensor, grad_output: torch.Tensor | None, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """d output / d inputs for a client's own tensors. ``backward(inputs=...)`` rather than
+    ``autograd.grad``: the FLOP counter's module hooks refuse the latter (PyTorch 2.x), and
+    these tensors are the session's own, so their ``.grad`` fields are free to use."""
+    for t in inputs:
+        t.grad = None
+    torch.autograd.backward(output, grad_output, inputs=list(inputs))
+    grads = [t.grad for t in inputs]
+    for t in inputs:
+        t.grad = None
+    return grads
+
+
 class Trainable:
     """LoRA factors as trainable tensors of one party, with their optimizer."""
 
     def __init__(self, trainer, adapter: Adapter):
         device = trainer.device
         self.scales = {n: f.scale for n, f in adapter.items()}
-        self.factors = {n: (torch.nn.Parameter(f.a.detach().to(device, torch.float32).clone()), torch.nn.Parameter(f.b.detach().to(device, torch.float32).clone())) for n, f in sorted(adapter.items())}
+        # Contiguous copies: an aggregate's factors may be strided views (an SVD's), and a matmul
+        # on another memory layout rounds differently, which would break bit-exact resume.
+        own = lambda t: torch.nn.Parameter(t.detach().to(device, torch.float32).clone(memory_format=torch.contiguous_format))  # noqa: E731
+        self.factors = {n: (own(f.a), own(f.b)) for n, f in sorted(adapter.items())}
         self.optimizer = trainer._optimizer(self.params())  # the trainer's own optimizer settings
         self.max_grad_norm = trainer.training.max_grad_norm
 
@@ -179,7 +195,7 @@ class ClientSession:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"client {self.client_id}: non-finite training loss at step {len(self.losses)}")
             tail_params = self.trainable.params(self.tail_modules)
-            grads = torch.autograd.grad(loss, [out, *tail_params])
+            grads = _gradients(loss, None, [out, *tail_params])
         self._counted(counter)
         self.grads = dict(zip(tail_params, grads[1:]))
         self.step_loss = float(loss.detach())
@@ -193,7 +209,7 @@ class ClientSession:
         head_params = self.trainable.params(self.head_modules)
         counter = self._counter()
         with counter or nullcontext():
-            grads = torch.autograd.grad(self.hidden, head_params, grad_outputs=g)
+            grads = _gradients(self.hidden, g, head_params)
         self._counted(counter)
         self.grads.update(zip(head_params, grads))
         mine = squared_norm(list(self.grads.values()))
