@@ -400,6 +400,10 @@ def check_methods(specs: list[RunSpec]) -> None:
         c = spec.config
         if c.resources.distribution == "memory":
             continue
+        if c.federation.method == "split":  # its client parts are aggregated by a weights-protocol method
+            from flexfed.split.checks import client_method_config
+
+            c = client_method_config(c)
         try:
             key = (c.model.name, c.model.dtype, tuple(c.lora.target_modules))
             if key not in shapes:
