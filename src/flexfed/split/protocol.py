@@ -28,7 +28,12 @@ Departures from SplitFed: LoRA adapters (not whole weights) train on both sides;
 is averaged factor by factor (FedIT's rule) in v1; in v2 the clients' steps interleave one step
 each in the order of their ids (the executor drives every conversation a wave at a time) rather
 than one client's whole round after another; the fed server and the main server are one party.
-Not yet: SFPrompt's soft prompt and loss-based data pruning, and the Flower engine (refused).
+Not yet: SFPrompt's soft prompt and loss-based data pruning.
+
+Engines: in-process, and Flower SuperNodes (``flexfed flower supernode``), where each message of
+the conversation is a Flower message and a client's session lives in its node's trainer process
+between them. Flower's simulation engine is refused (``engines.flower.sim``): its ClientApp
+actors are shared by every virtual node, so a client's next step may reach another process.
 """
 
 from __future__ import annotations
@@ -109,10 +114,6 @@ class SplitProtocol(Protocol):
     def server_adapter(self, state: ServerState) -> Adapter:
         return {n: state.global_adapter[n] for n in self.server_shapes}
 
-    def check_executor(self, executor) -> None:
-        if executor.name != "in-process":
-            raise ValueError("federation.method=split runs on the simulation engine only, not on Flower yet")
-
     def stage(self, round_: int) -> str:
         return "split"
 
@@ -168,6 +169,7 @@ class SplitProtocol(Protocol):
         modules = sorted(ranks)
         meta = {"op": "start", "client": s.client_ids[client], "round": round_, "seed": s.client_seed(round_, client),
                 "shares_base": shares_base, "modules": modules, "ranks": [ranks[m] for m in modules]}
+        who_meta = {"client": meta["client"], "seed": meta["seed"]}  # every message names its client (and seed: a Flower node reads both)
         model = self.model(ranks)
         part = self._server_part(state, round_, model)
         up, down = [], []
@@ -180,7 +182,7 @@ class SplitProtocol(Protocol):
                 up.append(reply.nbytes)
                 if self.cut.u_shape:
                     hidden, out = part.forward(reply.arrays, who)
-                    sent = Message({"hidden": wire.send(out, self.config.split.wire_dtype)}, {"op": "output", "client": s.client_ids[client]})
+                    sent = Message({"hidden": wire.send(out, self.config.split.wire_dtype)}, {"op": "output", **who_meta})
                     reply = yield sent
                     if reply.meta.get("op") != "gradient":
                         raise ValueError(f"{who}: expected the gradient at the server's output, got {reply.meta.get('op')!r}")
@@ -192,7 +194,7 @@ class SplitProtocol(Protocol):
                     down_bytes = 0
                 server_sq = squared_norm(list(grads.values()))
                 pending = (grads, server_sq)
-                message = Message({"grad": wire.send(grad_in, self.config.split.wire_dtype)}, {"op": "gradient", "client": s.client_ids[client], "server_grad_sq": server_sq, **({} if loss is None else {"loss": loss})})
+                message = Message({"grad": wire.send(grad_in, self.config.split.wire_dtype)}, {"op": "gradient", **who_meta, "server_grad_sq": server_sq, **({} if loss is None else {"loss": loss})})
                 down.append(down_bytes + message.nbytes)
                 reply = yield message
             if reply.meta.get("op") != "done":
@@ -258,7 +260,7 @@ class SplitProtocol(Protocol):
             raise ValueError(f"client {client}: no round in progress for a {op!r} message")
         if op == "output":  # U-shape: run the tail and the head on the server's output
             arrays, loss = session.tail(m.arrays.get("hidden"))
-            return Message(arrays, {"op": "gradient", "loss": loss}), False
+            return Message(arrays, {"op": "gradient", "client": client, "loss": loss}), False
         if op == "gradient":
             mine = session.backward(m.arrays.get("grad"), float(m.meta["server_grad_sq"]), m.meta.get("loss"))
             reply = self._next(client, mine)
@@ -268,7 +270,7 @@ class SplitProtocol(Protocol):
     def _next(self, client: str, grad_sq: float | None) -> Message:
         """The session's next batch's activations, or (its steps done) its trained client part."""
         session = self.sessions[client]
-        extra = {} if grad_sq is None else {"grad_sq": grad_sq}
+        extra = {"client": client} if grad_sq is None else {"client": client, "grad_sq": grad_sq}  # every reply names its client
         arrays = session.forward()
         if arrays is not None:
             return Message(arrays, {"op": "activations", **extra})

@@ -9,28 +9,33 @@ client alone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def send(t: torch.Tensor, wire_dtype: str) -> torch.Tensor:
-    """``t`` as it goes on the wire: detached, on the CPU, in the wire's dtype."""
+    """``t`` (rows x tokens x hidden) as it goes on the wire: detached, on the CPU, in the wire's
+    dtype, as a (rows·tokens) x hidden matrix (every engine's wire carries matrices)."""
     t = t.detach()
     if wire_dtype != "model":
         t = t.to(WIRE_DTYPES[wire_dtype])
-    return t.cpu().contiguous()
+    return t.reshape(-1, t.shape[-1]).cpu().contiguous()
 
 
 def received(t: torch.Tensor, shape: tuple[int, ...], what: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A floating tensor of ``shape`` from the other side, finite, in ``dtype`` on ``device``."""
+    """The rows x tokens x hidden tensor ``shape`` from the other side's matrix: floating, finite,
+    in ``dtype`` on ``device``."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         raise ValueError(f"{what}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{what}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+    flat = (math.prod(shape[:-1]), shape[-1])
+    if tuple(t.shape) != flat:
+        raise ValueError(f"{what}: shape {tuple(t.shape)}, expected {flat} (rows·tokens x hidden)")
     if not torch.isfinite(t).all():
         raise ValueError(f"{what}: non-finite values")
-    return t.to(device=device, dtype=dtype)
+    return t.to(device=device, dtype=dtype).reshape(shape)
 
 
 def batch_received(arrays, vocab: int, device: torch.device, with_labels: bool) -> dict[str, torch.Tensor]:
