@@ -223,3 +223,18 @@ def test_protocol_refuses_a_cut_outside_the_model(tiny_config):
                                (["split.tail_layers=1"], "leaves the server no block")):
         with pytest.raises(ValueError, match=message):
             Runner(tiny_config("federation.method=split", *overrides))
+
+
+def test_a_parts_cost_counts_the_frozen_base_whether_or_not_peft_has_wrapped_it(tiny_config):
+    """A node builds its client's cost before its model is wrapped, the in-process server after:
+    both must count the same blocks (the Flower run's metrics equal the simulator's)."""
+    from flexfed.split.parts import part_architecture
+
+    setup = Setup(tiny_config("model.name=tiny-llama-4"))
+    trainer = setup.trainer
+    before = part_architecture(trainer.arch, trainer.base_model, [0, 3], head=True)
+    trainer.use_slot(dict.fromkeys(setup.shapes, 4))
+    after = part_architecture(trainer.arch, trainer.base_model, [0, 3], head=True)
+    assert before == after
+    whole = part_architecture(trainer.arch, trainer.base_model, [0, 1, 2, 3], head=True)
+    assert (whole.body, whole.first_qkv, whole.layers) == (trainer.arch.body, trainer.arch.first_qkv, trainer.arch.layers)

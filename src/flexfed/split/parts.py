@@ -127,10 +127,12 @@ def part_architecture(arch: Architecture, model, blocks: list[int], head: bool) 
     Block 0's q, k, v need no input gradient (their input, the embeddings, is frozen); any other
     first block's do, as its gradient goes to the other side."""
     _, decoder = decoder_of(model)
-    linears = {n: m for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    # The frozen base only, whether or not PEFT has wrapped the model yet (its LoRA layers are
+    # Linear modules too, and ``q_proj`` becomes ``q_proj.base_layer``).
+    linears = {n.removesuffix(".base_layer"): m for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear) and ".lora_" not in n}
     mine = {n: m for n, m in linears.items() if n.startswith("layers.") and int(n.split(".")[1]) in blocks}
     first_qkv = sum(m.weight.numel() for n, m in mine.items() if n.startswith("layers.0.") and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj"))
-    block_params = sum(p.numel() for i in blocks for p in decoder.layers[i].parameters())
+    block_params = sum(p.numel() for i in blocks for n, p in decoder.layers[i].named_parameters() if ".lora_" not in f".{n}")
     embeddings = decoder.embed_tokens.weight.numel()
     params = block_params + (embeddings if 0 in blocks or head else 0) + (decoder.norm.weight.numel() if head else 0)
     body = sum(m.weight.numel() for m in mine.values())
