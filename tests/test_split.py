@@ -184,6 +184,24 @@ def test_a_malformed_activation_fails_that_client_alone(deep):
     assert protocol.sessions.keys() <= {deep.federation.clients[1].client_id}  # client 0's round is closed
 
 
+def test_a_client_norm_that_is_not_a_finite_number_fails_that_client_and_spares_the_server_part(deep):
+    protocol = _split(deep, cut_layer=1, server_mode="v2")
+    state = protocol.initial_state()
+    conversations = {c: protocol.conversation(state, 1, c, True) for c in (0, 1)}
+
+    def deliver(wave):
+        replies = dict(zip(wave, protocol.serve(deep, list(wave.values()))))
+        if 1 in replies and "grad_sq" in replies[1].meta:
+            replies[1].meta["grad_sq"] = float("nan")
+        return replies
+
+    out = converse(conversations, deliver)
+    assert isinstance(out[0], Outcome) and "grad_sq nan" in str(out[1].error)
+    new = protocol.combine(state, 1, [out[0].update], [1])
+    assert protocol.round_fields(new, 1, [])["split"]["server_part"] == "discarded"
+    assert all(torch.isfinite(f.a).all() for f in new.global_adapter.values())
+
+
 def test_runner_resumes_bit_exact_with_flexlora_at_mixed_client_ranks(tiny_config):
     """The runner drives split rounds like any protocol; FlexLoRA aggregates client parts of
     mixed ranks; a run stopped after round 1 and resumed ends bit for bit as one that was not."""

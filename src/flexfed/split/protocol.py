@@ -39,6 +39,7 @@ actors are shared by every virtual node, so a client's next step may reach anoth
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -178,7 +179,7 @@ class SplitProtocol(Protocol):
             reply = yield Message(s.downlink(self.client_view(state), client, shares_base), meta)
             while reply.meta.get("op") == "activations":
                 if pending is not None:
-                    part.step(pending[0], pending[1], float(reply.meta["grad_sq"]))
+                    part.step(pending[0], pending[1], _client_norm(reply, who))
                 up.append(reply.nbytes)
                 if self.cut.u_shape:
                     hidden, out = part.forward(reply.arrays, who)
@@ -201,7 +202,7 @@ class SplitProtocol(Protocol):
                 raise ValueError(f"{who}: expected activations or its trained client part, got {reply.meta.get('op')!r}")
             if pending is None:
                 raise ValueError(f"{who}: finished without a training step")
-            part.step(pending[0], pending[1], float(reply.meta["grad_sq"]))
+            part.step(pending[0], pending[1], _client_norm(reply, who))
             update = s.receive(client, reply.arrays)
         except BaseException:  # closed (its node is gone) or refused: what it touched must not count
             if self.config.split.server_mode == "v2":
@@ -279,3 +280,11 @@ class SplitProtocol(Protocol):
         ranks = {n: f.rank for n, f in adapter.items()}
         return Message(self.link.send(adapter, ranks), {"op": "done", **extra, **stats})
 
+
+def _client_norm(reply: Message, who: str) -> float:
+    """The squared norm of the client's gradients that the server clips with: a finite,
+    non-negative number, or the client fails (a NaN would poison the server part)."""
+    value = reply.meta.get("grad_sq")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{who}: grad_sq {value!r} is not a finite non-negative number")
+    return float(value)
