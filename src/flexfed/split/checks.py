@@ -14,6 +14,7 @@ def client_method_config(config):
 def check_config(config) -> None:
     """``ValueError`` naming the field for what a split run cannot do."""
     from flexfed.aggregation import Aggregator
+    from flexfed.aggregation.weights import trains_plain_lora, weights_only_settings
     from flexfed.protocol import FAMILIES
 
     s = config.split
@@ -23,18 +24,11 @@ def check_config(config) -> None:
         aggregator = Aggregator.registry[s.client_method](**s.client_method_options)
     except (TypeError, ValueError) as err:
         raise ValueError(f"split.client_method_options {s.client_method_options} for {s.client_method!r}: {err}") from None
-    if aggregator.merges_into_base or tuple(aggregator.trainable) != ("a", "b"):
+    if not trains_plain_lora(aggregator):
         raise ValueError(
             f"split.client_method {s.client_method!r} freezes a factor or merges into the base weights; a split client part trains "
             "plain LoRA (both factors), so use fedit, flexlora, hetlora or another method that does"
         )
-    unsupported = {
-        "privacy.clip_norm": config.privacy.enabled,
-        "robust (norm_bound / aggregate)": config.robust.enabled,
-        "attack.fraction": config.attack.fraction > 0,
-        "federation.sparse_stage.rounds": config.federation.sparse_stage.rounds > 0,
-        "resources.distribution=memory": config.resources.distribution == "memory",
-    }
-    named = [k for k, on in unsupported.items() if on]
+    named = weights_only_settings(config) + (["resources.distribution=memory"] if config.resources.distribution == "memory" else [])
     if named:
         raise ValueError(f"federation.method=split does not support {', '.join(named)} yet")
