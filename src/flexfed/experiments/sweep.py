@@ -399,7 +399,13 @@ def check_methods(specs: list[RunSpec]) -> None:
     shapes: dict[tuple, dict] = {}
     for spec in specs:
         c = spec.config
-        if c.resources.distribution == "memory" or family_of(c.federation.method):
+        if c.resources.distribution == "memory":
+            continue
+        if c.federation.method == "split":  # its client parts are aggregated by a weights-protocol method
+            from flexfed.split.checks import client_method_config
+
+            c = client_method_config(c)
+        elif family_of(c.federation.method):
             continue  # a protocol of its own (protocol.FAMILIES) checks its config when built
         try:
             key = (c.model.name, c.model.dtype, tuple(c.lora.target_modules))

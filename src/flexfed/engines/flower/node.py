@@ -68,7 +68,7 @@ def runtime(config_yaml: str, node_config: Mapping) -> NodeRuntime:
         update["device"] = str(node_config["device"])
     config = config.model_copy(update=update) if update else config
     # Only what changes the model, the data, the training or the payloads decides whether to rebuild.
-    fields = {k: True for k in ("seed", "device", "model", "data", "lora", "training", "eval", "kd", "zo")}
+    fields = {k: True for k in ("seed", "device", "model", "data", "lora", "training", "eval", "kd", "zo", "split")}
     relevant = config.model_dump(mode="json", include={**fields, "federation": True})
     key = hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()
     if key not in _RUNTIMES:
@@ -90,7 +90,7 @@ def handle(config_yaml: str, node_config: Mapping, client_id: str, seed: int, ar
         raise NodeConfigError(f"client {client_id} is not hosted by this node")
     began = time.perf_counter()
     meta = dict(meta)
-    message = Message(decode_payload(arrays, str(meta.pop("dtype"))), {**meta, "client": client_id, "seed": seed, "shares_base": False})
+    message = Message(decode_payload(arrays, str(meta.pop("dtype")), meta.pop("dtypes", None)), {**meta, "client": client_id, "seed": seed, "shares_base": False})
     (reply,) = rt.protocol.serve(rt.setup, [message])
     if isinstance(reply, Exception):
         raise reply

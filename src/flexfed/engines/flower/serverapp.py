@@ -268,7 +268,7 @@ class FlowerExecutor(Executor):
             stats = dict(reply.content.config_records[RESULT])
             if str(stats["client"]) != client_id:
                 raise UpdateRejected(f"reply is for client {stats['client']}, expected {client_id}")
-            payload = decode_payload(from_record(reply.content.array_records[ADAPTER]), str(stats.pop("dtype")))
+            payload = decode_payload(from_record(reply.content.array_records[ADAPTER]), str(stats.pop("dtype")), stats.pop("dtypes", None))
         except UpdateRejected:
             raise
         except (KeyError, TypeError, ValueError) as err:

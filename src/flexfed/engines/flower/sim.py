@@ -42,6 +42,9 @@ def run(config: RunConfig, resume: bool = False, overwrite: bool = False, show_p
 
     check_supported(config)
     check_run_dir(config.run_dir, resume, overwrite)  # before Ray starts
+    if config.federation.method == "split":  # a client's steps would reach whichever actor is free, and its session lives in one
+        raise ValueError("federation.method=split keeps each client's round in its node's process between steps; Ray's ClientApp actors are "
+                         "shared by all virtual nodes, so run it in-process (--engine simulation) or on SuperNodes (flexfed flower supernode)")
     num_clients = len(Setup(config).federation.clients)
     nodes = min(config.flower.num_supernodes or num_clients, num_clients)
     outcome: dict = {}

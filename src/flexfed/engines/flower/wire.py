@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from flwr.app import ArrayRecord, Message
     from torch import Tensor
 
-# dtype of the tensors -> dtype of their arrays on the wire
-WIRE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32", "float64": "float64"}
+# dtype of the tensors -> dtype of their arrays on the wire (integers: a split step's mask and labels)
+WIRE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32", "float64": "float64", "int64": "int64", "uint8": "uint8"}
+MIXED = "mixed"  # the announced dtype of a payload whose tensors differ; ``dtypes`` then names each
 NPY = "numpy.ndarray"  # Flower's stype for np.save'd arrays
 
 
@@ -41,34 +42,41 @@ def _dtype_name(t) -> str:
 
 
 def encode_payload(payload: Mapping[str, Tensor]) -> tuple[dict[str, np.ndarray], dict]:
-    """(arrays, meta): one array per tensor, and the dtype to announce beside them."""
+    """(arrays, meta): one array per tensor, and the dtype to announce beside them (``mixed``, with
+    ``dtypes`` naming each tensor's as ``key=dtype,...``, when they differ)."""
     import torch
 
-    dtypes = {_dtype_name(t) for t in payload.values()}
-    if len(dtypes) > 1:
-        raise WireError(f"a payload must have one dtype, got {sorted(dtypes)}")
-    dtype = dtypes.pop() if dtypes else "float32"
-    if dtype not in WIRE_DTYPES:
-        raise WireError(f"cannot send {dtype} tensors")
-    wire = getattr(torch, WIRE_DTYPES[dtype])
-    arrays = {k: payload[k].detach().to("cpu", wire).contiguous().numpy() for k in sorted(payload)}
-    return arrays, {"dtype": dtype}
+    names = {k: _dtype_name(t) for k, t in payload.items()}
+    for dtype in set(names.values()):
+        if dtype not in WIRE_DTYPES:
+            raise WireError(f"cannot send {dtype} tensors")
+    arrays = {k: payload[k].detach().to("cpu", getattr(torch, WIRE_DTYPES[names[k]])).contiguous().numpy() for k in sorted(payload)}
+    if len(set(names.values())) > 1:
+        return arrays, {"dtype": MIXED, "dtypes": ",".join(f"{k}={names[k]}" for k in sorted(names))}
+    return arrays, {"dtype": names.popitem()[1] if names else "float32"}
 
 
-def decode_payload(arrays: Mapping[str, np.ndarray], dtype: str) -> dict[str, Tensor]:
-    """The tensors in ``arrays``; raises ``WireError`` unless each is a 2-D array of the announced dtype."""
+def decode_payload(arrays: Mapping[str, np.ndarray], dtype: str, dtypes: str | None = None) -> dict[str, Tensor]:
+    """The tensors in ``arrays``; raises ``WireError`` unless each is a 2-D array of the announced
+    dtype (``dtype``, or with ``mixed`` each key's in ``dtypes``)."""
     import torch
 
-    if dtype not in WIRE_DTYPES:
-        raise WireError(f"tensors of dtype {dtype!r} are not accepted")
-    wire_dtype = np.dtype(WIRE_DTYPES[dtype])
-    target = getattr(torch, dtype)
+    if dtype == MIXED:
+        pairs = [item.rpartition("=") for item in str(dtypes or "").split(",") if item]
+        each = {k: d for k, _, d in pairs}
+        if set(each) != set(arrays):
+            raise WireError(f"dtypes names {sorted(each)}, the arrays are {sorted(arrays)}")
+    else:
+        each = dict.fromkeys(arrays, dtype)
     out = {}
     for k, value in arrays.items():
+        if each[k] not in WIRE_DTYPES:
+            raise WireError(f"tensors of dtype {each[k]!r} are not accepted")
+        wire_dtype = np.dtype(WIRE_DTYPES[each[k]])
         if not isinstance(value, np.ndarray) or value.dtype != wire_dtype or value.ndim != 2:
             got = f"{value.dtype} array of {value.ndim} dimensions" if isinstance(value, np.ndarray) else type(value).__name__
             raise WireError(f"{k}: {got}, expected a 2-D {wire_dtype} array")
-        out[k] = torch.from_numpy(np.array(value, copy=True)).to(target)
+        out[k] = torch.from_numpy(np.array(value, copy=True)).to(getattr(torch, each[k]))
     return out
 
 
