@@ -22,13 +22,7 @@ import os
 import subprocess
 import sys
 
-
-def rss(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from memory import rss  # VmRSS / VmHWM of this process, as the LoRA memory benchmark measures them
 
 
 def measure(case: dict) -> dict:

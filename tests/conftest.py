@@ -47,3 +47,18 @@ def tiny_config(tmp_path):
         return load_config("tiny", [f"output_dir={tmp_path}", *overrides])
 
     return make
+
+
+def random_examples(count: int, seed: int, lengths: tuple[int, int], labelled: tuple[int, int], vocab: tuple[int, int] = (3, 60)):
+    """``count`` random encoded examples: ``lengths`` tokens, the last ``labelled`` of them labelled."""
+    import random
+
+    from flexfed.data.prompts import EncodedExample
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        n, r = rng.randint(*lengths), rng.randint(*labelled)
+        ids = [rng.randint(*vocab) for _ in range(n)]
+        out.append(EncodedExample(ids, [-100] * (n - r) + ids[n - r :], False, False))
+    return out

@@ -216,11 +216,10 @@ def test_move_update_with_c_one_is_the_update_itself():
 def _dp_trainer(clip_norm: float, noise_multiplier: float, lr: float = 1.0):
     """A tiny-Llama trainer doing one plain SGD step (no momentum, decay or global clip) under
     DP-SGD, and six random examples of 20-40 tokens, 3-9 of them labelled."""
-    import random
+    from conftest import random_examples
 
     from flexfed.client import LocalTrainer
     from flexfed.config import LocalDPConfig, LoraConfig, TrainingConfig
-    from flexfed.data.prompts import EncodedExample
     from flexfed.lora import init_adapter, target_shapes
     from flexfed.models import tiny_llama
 
@@ -229,12 +228,7 @@ def _dp_trainer(clip_norm: float, noise_multiplier: float, lr: float = 1.0):
     shapes = target_shapes(model, lora.target_modules)
     training = TrainingConfig(local_steps=1, batch_size=6, optimizer="sgd", lr=lr, weight_decay=0.0, max_grad_norm=None, precision="fp32")
     trainer = LocalTrainer(model, lora, training, 0, local_dp=LocalDPConfig(clip_norm=clip_norm, noise_multiplier=noise_multiplier))
-    rng = random.Random(1)
-    examples = []
-    for _ in range(6):
-        n, r = rng.randint(20, 40), rng.randint(3, 9)
-        ids = [rng.randint(3, 60) for _ in range(n)]
-        examples.append(EncodedExample(ids, [-100] * (n - r) + ids[n - r :], False, False))
+    examples = random_examples(6, 1, (20, 40), (3, 9))
     start = init_adapter(shapes, dict.fromkeys(shapes, 2), lora.alpha, False, 0)
     for i, f in enumerate(start.values()):  # B != 0, so that A gets gradients too
         f.b.copy_(torch.randn(f.b.shape, generator=torch.Generator().manual_seed(i)) * 0.1)

@@ -213,11 +213,10 @@ def test_the_formula_gives_the_specs_figure_for_a_smollm2_training_token():
 def _direct_trainer():
     """A trainer of a tiny Llama with a small head (so that the body and attention terms
     dominate) and twelve random examples of 20-60 tokens, 3-15 of them labelled."""
-    import random
+    from conftest import random_examples
 
     from flexfed.client import LocalTrainer
     from flexfed.config import LoraConfig, TrainingConfig
-    from flexfed.data.prompts import EncodedExample
     from flexfed.lora import init_adapter, target_shapes
     from flexfed.models import tiny_llama
 
@@ -225,13 +224,7 @@ def _direct_trainer():
     lora = LoraConfig(rank=4, target_modules=["q_proj", "v_proj", "up_proj"])
     shapes = target_shapes(model, lora.target_modules)
     trainer = LocalTrainer(model, lora, TrainingConfig(local_steps=3, batch_size=4, precision="fp32"), 0)
-    rng = random.Random(0)
-    examples = []
-    for _ in range(12):
-        n, r = rng.randint(20, 60), rng.randint(3, 15)
-        ids = [rng.randint(3, 60) for _ in range(n)]
-        examples.append(EncodedExample(ids, [-100] * (n - r) + ids[n - r :], False, False))
-    return trainer, init_adapter(shapes, dict.fromkeys(shapes, 4), lora.alpha, False, 0), examples
+    return trainer, init_adapter(shapes, dict.fromkeys(shapes, 4), lora.alpha, False, 0), random_examples(12, 0, (20, 60), (3, 15))
 
 
 def test_flops_are_counted_on_a_sampled_step_and_match_the_formula_on_a_direct_train():
