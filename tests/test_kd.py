@@ -185,7 +185,10 @@ def test_flower_sim_engine_gives_the_simulators_global_adapter_bit_for_bit(tmp_p
     small = [*SMALL_RUN, "data.partition=iid", "data.num_clients=2", "federation.rounds=1", "federation.sample_fraction=1.0", "flower.client_cpus=2"]
     sets = [arg for s in [*small, f"output_dir={tmp_path / 'flower'}"] for arg in ("--set", s)]
     cmd = [sys.executable, "-m", "flexfed.cli", "run", "--config", "tiny", "--engine", "flower-sim", "--quiet", *sets]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True)
+    # One intra-op thread everywhere, as the reference below has (conftest): KD's server and
+    # clients sum over the vocabulary, whose order depends on the thread count.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True, env=env)
     try:
         output, _ = proc.communicate(timeout=240)
     finally:

@@ -33,6 +33,7 @@ def backend_config(config: RunConfig) -> dict:
 def run(config: RunConfig, resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> Path:
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
+    import torch
     from flwr.simulation import run_simulation
 
     from flexfed.engines.flower import clientapp
@@ -50,8 +51,14 @@ def run(config: RunConfig, resume: bool = False, overwrite: bool = False, show_p
     outcome: dict = {}
     server = ServerApp()
 
+    threads = torch.get_num_threads()
+
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        # Flower runs the ServerApp in a thread of its own, which starts with OpenMP's default
+        # thread count, not the caller's: the server's own training (KD's distillation) would
+        # then sum in another order than the same run in the simulator.
+        torch.set_num_threads(threads)
         try:
             outcome["run_dir"] = run_on_grid(grid, config, resume=resume, overwrite=overwrite, show_progress=show_progress)
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
