@@ -457,3 +457,14 @@ def test_hetlora_self_pruning_through_flower_messages_equals_the_simulator(tiny_
     for x, y in zip(metrics["simulator"], metrics["flower"]):
         assert [c["bytes_up"] for c in x["clients"]] == [c["bytes_up"] for c in y["clients"]]
         assert y["clients_reported"] == y["clients_sampled"]  # no pruned update was refused
+
+
+def test_a_node_reuses_its_runtime_only_while_what_it_computes_is_unchanged():
+    """Name, output directory, tracking and transport settings keep a node's model; any other
+    section (here privacy.local, which no list of sections named) makes it rebuild."""
+    from flexfed.engines.flower import node
+
+    node_config = {"partition-id": 0, "num-partitions": 2}
+    first = node.runtime(dump(load_config("tiny")), node_config)
+    assert node.runtime(dump(load_config("tiny", ["name=other", "output_dir=/elsewhere", "flower.round_timeout=99"])), node_config) is first
+    assert node.runtime(dump(load_config("tiny", ["privacy.local.clip_norm=1"])), node_config) is not first

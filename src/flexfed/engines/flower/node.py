@@ -67,9 +67,9 @@ def runtime(config_yaml: str, node_config: Mapping) -> NodeRuntime:
     if node_config.get("device"):
         update["device"] = str(node_config["device"])
     config = config.model_copy(update=update) if update else config
-    # Only what changes the model, the data, the training or the payloads decides whether to rebuild.
-    fields = {k: True for k in ("seed", "device", "model", "data", "lora", "training", "eval", "kd", "zo", "split")}
-    relevant = config.model_dump(mode="json", include={**fields, "federation": True})
+    # Everything but where a run is written and how it is tracked or transported decides whether to
+    # rebuild: a section a new family (or privacy.local) adds counts without being listed here.
+    relevant = config.model_dump(mode="json", exclude={"name", "output_dir", "tracking", "flower"})
     key = hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()
     if key not in _RUNTIMES:
         from flexfed.build import Setup
