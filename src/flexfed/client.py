@@ -156,14 +156,20 @@ def local_steps(training: TrainingConfig, num_examples: int) -> int:
     return max(1, math.ceil(training.local_epochs * math.ceil(num_examples / training.batch_size)))
 
 
+def group_means(token_losses: torch.Tensor, keep: torch.Tensor, group_of_row: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each group's mean token loss, (groups,), from ``response_token_losses``' per-token losses
+    and where they are; ``group_of_row``: the group of each batch row (an example, a client)."""
+    owner = group_of_row[:, None].expand_as(keep)[keep]
+    sums = torch.zeros(groups, device=keep.device, dtype=token_losses.dtype).index_add(0, owner, token_losses)
+    return sums / torch.bincount(owner, minlength=groups).clamp(min=1)
+
+
 def example_mean(token_losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The mean over examples of each example's mean token loss (``response_token_losses``):
-    each example's share of the gradient depends on that example alone, as DP-SGD's
-    per-example clipping needs (the token mean's denominator mixes every example's length)."""
+    """The mean over examples of each example's mean token loss: each example's share of the
+    gradient depends on that example alone, as DP-SGD's per-example clipping needs (the token
+    mean's denominator mixes every example's length)."""
     rows = keep.shape[0]
-    owner = torch.arange(rows, device=keep.device)[:, None].expand_as(keep)[keep]
-    sums = torch.zeros(rows, device=keep.device, dtype=token_losses.dtype).index_add(0, owner, token_losses)
-    return (sums / keep.sum(dim=1).clamp(min=1)).mean()
+    return group_means(token_losses, keep, torch.arange(rows, device=keep.device), rows).mean()
 
 
 def response_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

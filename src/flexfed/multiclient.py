@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from flexfed.aggregation.base import LocalRule
 from flexfed.cost import FlopCount
-from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, batch_schedule, collate, local_steps, response_token_losses
+from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, batch_schedule, collate, group_means, local_steps, response_token_losses
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
 from flexfed.lora import Adapter, Factors
@@ -217,10 +217,7 @@ class MultiClientTrainer:
         t = self.trainer
         with torch.autocast(t.device.type, dtype=t.autocast or torch.float32, enabled=t.autocast is not None):
             token_losses, keep = response_token_losses(t.base_model, batch)
-        block = torch.arange(keep.shape[0], device=keep.device) // (keep.shape[0] // k)
-        owner = block[:, None].expand_as(keep)[keep]
-        sums = torch.zeros(k, device=keep.device).index_add(0, owner, token_losses)
-        return sums / torch.bincount(owner, minlength=k)
+        return group_means(token_losses, keep, torch.arange(keep.shape[0], device=keep.device) // (keep.shape[0] // k), k)
 
     def _pass(self, active: Sequence[_Client], rule: LocalRule | None = None) -> list[Exception | None]:
         """One joint step of every active client; the error of each client that must leave.
