@@ -61,11 +61,41 @@ def _sweep(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from rich.console import Console
+
+    from flexfed.experiments import compare
+
+    comparison, sweep_dir = compare.open_comparison(args.file, args.out, args.set, args.seeds, args.budget)
+    result = compare.run_comparison(comparison, sweep_dir, jobs=args.jobs, threads_per_job=args.threads_per_job,
+                                    show_progress=not args.quiet, dry_run=args.dry_run)
+    if result is None:
+        log.info("%d settings x %d seeds validated; nothing run (--dry-run)", len(comparison.settings), len(comparison.seeds))
+        return 0
+    Console().print(compare.console_table(result))
+    log.info("comparison: %s (comparison.md, comparison.json, %s)", sweep_dir / compare.OUT, ", ".join(result["plots"]))
+    status = 0
+    if result["failed"]:
+        log.error("%d run(s) failed: %s; run the comparison again to retry them", len(result["failed"]), ", ".join(result["failed"]))
+        status = 1
+    wrong = {r["setting"]: len(r["formula_mismatches"]) for r in result["settings"] if r["formula_mismatches"]}
+    if wrong:
+        log.error("measured bytes differ from the formulas (a bug): %s; see comparison.md", wrong)
+        status = 1
+    return status
+
+
 def _report(args) -> int:
     from flexfed.experiments.sweep import MARKER
     from flexfed.report import print_summary, write_report
 
     dirs = [Path(d) for d in args.run_dirs]
+    if len(dirs) == 1 and (dirs[0] / "compare.yaml").is_file():  # a comparison: its sweep table and the comparison
+        from flexfed.experiments import compare
+
+        result = compare.report_comparison(dirs[0])
+        log.info("comparison rebuilt in %s", dirs[0] / compare.OUT)
+        return 0
     if len(dirs) == 1 and (dirs[0] / MARKER).is_file():  # a sweep directory: rebuild its table and curves
         from rich.console import Console
 
@@ -270,6 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="validate every run's config and list the runs; run nothing")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(func=_sweep)
+
+    cmp = sub.add_parser("compare", help="every family (weights, KD, split, zeroth-order) on the same tasks and seeds at a matched client budget",
+                         description="Run a comparison (a sweep over named settings, SWEEP_DIR/runs/setting-<name>_seed<N>) and write "
+                         "SWEEP_DIR/comparison/: the table of accuracy, bytes, client FLOPs and memory, Pareto plots, the measured bytes "
+                         "checked against the formulas, and the scaling view at 1.3B and 7B shapes.")
+    cmp.add_argument("file", nargs="?", help="a comparison file or packaged name (compare, compare-p3), or a run config: the default settings on it")
+    cmp.add_argument("--budget", choices=("steps", "flops", "time"), help="matched per client per round to the reference setting (default: the file's)")
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    cmp.add_argument("--seeds", metavar="S1,S2", help="comma-separated seeds (default: the file's)")
+    cmp.add_argument("--out", help="the comparison directory (alone: continue the comparison it holds)")
+    cmp.add_argument("--jobs", "-j", type=int, default=1, help="runs at a time; above 1 each runs in its own process")
+    cmp.add_argument("--threads-per-job", type=int, help="torch/OpenMP threads of each run (default: cores / jobs)")
+    cmp.add_argument("--dry-run", action="store_true", help="validate every run's config; run nothing")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmp.set_defaults(func=_compare)
 
     report = sub.add_parser("report", help="plots and a Markdown summary of one run, a comparison of several, or a sweep's table")
     report.add_argument("run_dirs", nargs="+")

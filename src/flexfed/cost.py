@@ -130,6 +130,7 @@ class StepCost:
         self.first = 0  # the formula's FLOPs of the counted step
         self.formula = 0
         self.widest = (0, 0, 0)  # rows, width, labelled per row: the largest batch
+        self.padded = 0  # rows x width summed over the steps: the tokens the formulas of SPEC §9 count
         self.peak = 0
 
     def flop_counter(self):
@@ -147,6 +148,7 @@ class StepCost:
         if counted is not None and self.counted is None:
             self.counted, self.first = counted, flops
         rows, width = batch["input_ids"].shape
+        self.padded += rows * width
         self.widest = max(self.widest, (rows, width, int((batch["labels"][:, 1:] != IGNORE).sum(dim=1).max())))
 
     def record_peak(self) -> None:
@@ -166,4 +168,4 @@ class StepCost:
             rows, width, labelled = self.widest
             memory = replace(self.arch.memory, shapes=self.shapes, batch_size=rows, max_tokens=width, response_tokens=labelled)
             peak, source = memory.estimate(self.ranks).total, "estimate"
-        return {"flops": counted, "flops_analytic": self.formula, "peak_memory_bytes": int(peak), "peak_memory_source": source}
+        return {"flops": counted, "flops_analytic": self.formula, "tokens_padded": self.padded, "peak_memory_bytes": int(peak), "peak_memory_source": source}

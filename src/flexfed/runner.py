@@ -32,7 +32,7 @@ from flexfed.server import ServerState, load_checkpoint, sample_clients, save_ch
 
 log = logging.getLogger(__name__)
 
-COST_FIELDS = ("flops", "flops_analytic", "peak_memory_bytes", "peak_memory_source")
+COST_FIELDS = ("flops", "flops_analytic", "tokens_padded", "peak_memory_bytes", "peak_memory_source")
 
 
 class RunExists(RuntimeError):

@@ -213,7 +213,7 @@ def train_local(trainer, params, plan, pool, probabilities, examples, steps: int
     model, device = trainer.base_model, trainer.device
     chosen = sample_seeds(probabilities, len(pool), steps, derived_seed(seed, "zo-seeds"))
     lengths = [len(e.input_ids) for e in examples]
-    scalars, losses, tokens, counted, formula, first, widest = [], [], 0, None, 0, 0, (0, 0, 0)
+    scalars, losses, tokens, counted, formula, first, widest, padded = [], [], 0, None, 0, 0, (0, 0, 0), 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.eval()
@@ -238,6 +238,7 @@ def train_local(trainer, params, plan, pool, probabilities, examples, steps: int
             labelled = (batch["labels"][:, 1:] != IGNORE).sum(dim=1)
             flops = 2 * trainer.arch.forward_flops(rows, width, int(labelled.sum()))
             formula += flops
+            padded += rows * width
             if counter is not None:
                 counted, first = counter.get_total_flops(), flops
             widest = max(widest, (rows, width, int(labelled.max())))
@@ -248,7 +249,7 @@ def train_local(trainer, params, plan, pool, probabilities, examples, steps: int
         else:
             rows, width, labelled = widest
             peak, source = inference_memory(trainer.arch.memory, rows, width, rows * labelled, chunk), "estimate"
-        cost = {"flops": round(counted * formula / first) if counted and first else 0, "flops_analytic": formula,
+        cost = {"flops": round(counted * formula / first) if counted and first else 0, "flops_analytic": formula, "tokens_padded": padded,
                 "peak_memory_bytes": int(peak), "peak_memory_source": source}
     return LocalResult(chosen, scalars, losses, tokens, cost)
 

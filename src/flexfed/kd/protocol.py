@@ -230,7 +230,7 @@ class KDProtocol(Protocol):
     def combine(self, state: ServerState, round_: int, updates, weights) -> ServerState:
         responses = self.responses(state, round_)
         examples = self.examples(responses)
-        info = {"kd_positions": sum(len(r) for r in responses)}
+        info = {"kd_prompts": len(responses), "kd_positions": sum(len(r) for r in responses), "kd_proxy_tokens": sum(len(e.input_ids) for e in examples)}
         self._round[round_] = info
         if len(updates) < self.config.federation.min_clients:
             log.warning("round %d: %d clients reported, fewer than min_clients=%d; global model unchanged", round_, len(updates), self.config.federation.min_clients)
