@@ -159,8 +159,9 @@ def calibrate(comparison: Comparison, sweep_dir: Path, threads: int | None = Non
         return
     key = COST_KEY[comparison.budget]
     root = Path(sweep_dir) / "calibration"
-    probe = {"federation.rounds": "1", "eval.seen_examples": "0", "eval.unseen_examples": "0", "eval.validation_examples": "0",
-             "training.local_epochs": "null"}
+    # one round; evaluation cut to the least a run allows (it always evaluates rounds 0 and last)
+    probe = {"federation.rounds": "1", "eval.seen_examples": "1", "eval.seen_examples_per_task": "1", "eval.unseen_examples": "1",
+             "eval.validation_examples": "0", "eval.max_new_tokens": "1", "training.local_epochs": "null"}
     fits = {}
     for name, sets in comparison.settings.items():
         merged = {**comparison.overrides, **sets}

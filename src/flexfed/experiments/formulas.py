@@ -82,6 +82,7 @@ class ModelShape:
     layers: int
     hidden: int
     vocab: int
+    block: int  # parameters of one decoder block
     linears: Mapping[str, tuple[int, int]]  # every linear layer of the blocks: name -> (d_out, d_in)
     model: object  # the module, for the memory estimate
 
@@ -93,12 +94,8 @@ class ModelShape:
         linears = target_shapes(model, sorted({module_kind(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and LAYER.search(n)}))
         return cls(name=name, params=sum(p.numel() for p in model.parameters()), embedding=embed.numel(),
                    head=0 if head is embed else head.numel(),
-                   layers=c.num_hidden_layers, hidden=c.hidden_size, vocab=c.vocab_size, linears=linears, model=model)
-
-    @property
-    def block(self) -> int:
-        """Parameters of one decoder block."""
-        return (self.params - self.embedding - self.head) // self.layers
+                   layers=c.num_hidden_layers, hidden=c.hidden_size, vocab=c.vocab_size,
+                   block=sum(p.numel() for p in model.get_decoder().layers[0].parameters()), linears=linears, model=model)
 
     def modules(self, target_modules: Sequence[str], layers: Sequence[int] | None = None) -> dict[str, tuple[int, int]]:
         """The adapted matrices (of the given block indices, or all)."""
