@@ -271,6 +271,14 @@ def _add_flower_parser(sub) -> None:
     conn.set_defaults(func=_flower_connect)
 
 
+def _add_sweep_execution(parser) -> None:
+    """How a sweep's runs execute; shared by `sweep` and `compare`."""
+    parser.add_argument("--jobs", "-j", type=int, default=1, help="runs at a time; above 1 each runs in its own process (default 1)")
+    parser.add_argument("--threads-per-job", type=int, help="torch/OpenMP threads of each run (default: cores / jobs)")
+    parser.add_argument("--dry-run", action="store_true", help="validate every run's config and list the runs; run nothing")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexfed", description="Federated LoRA fine-tuning of LLMs with heterogeneous ranks")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -295,10 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", metavar="S1,S2", help="comma-separated seeds (default 0)")
     sweep.add_argument("--baseline", metavar="KEY=VALUE", help="paired differences against the cells with this setting, e.g. federation.method=fedit")
     sweep.add_argument("--out", help="the sweep directory (alone: continue the sweep it holds)")
-    sweep.add_argument("--jobs", "-j", type=int, default=1, help="runs at a time; above 1 each runs in its own process (default 1)")
-    sweep.add_argument("--threads-per-job", type=int, help="torch/OpenMP threads of each run (default: cores / jobs)")
-    sweep.add_argument("--dry-run", action="store_true", help="validate every run's config and list the runs; run nothing")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_sweep_execution(sweep)
     sweep.set_defaults(func=_sweep)
 
     cmp = sub.add_parser("compare", help="every family (weights, KD, split, zeroth-order) on the same tasks and seeds at a matched client budget",
@@ -310,10 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     cmp.add_argument("--seeds", metavar="S1,S2", help="comma-separated seeds (default: the file's)")
     cmp.add_argument("--out", help="the comparison directory (alone: continue the comparison it holds)")
-    cmp.add_argument("--jobs", "-j", type=int, default=1, help="runs at a time; above 1 each runs in its own process")
-    cmp.add_argument("--threads-per-job", type=int, help="torch/OpenMP threads of each run (default: cores / jobs)")
-    cmp.add_argument("--dry-run", action="store_true", help="validate every run's config; run nothing")
-    cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_sweep_execution(cmp)
     cmp.set_defaults(func=_compare)
 
     report = sub.add_parser("report", help="plots and a Markdown summary of one run, a comparison of several, or a sweep's table")

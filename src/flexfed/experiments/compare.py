@@ -270,25 +270,16 @@ METRICS = ("rouge_l_unseen", "rouge_l_seen", "eval_loss_unseen", "bytes_up", "by
            "client_flops_per_round", "client_memory", "server_s_per_round", "wall_s")
 
 
-def collect(comparison: Comparison, specs: list[RunSpec]) -> dict[str, dict]:
+def collect(specs: list[RunSpec]) -> dict[str, dict]:
     """setting -> {config, runs: {seed: rows}} for every finished run."""
-    found: dict[str, dict] = {}
-    for spec in specs:
-        try:
-            rows = read_metrics(spec.run_dir)
-        except FileNotFoundError:
-            continue
-        if not rows or rows[-1]["round"] < spec.config.federation.rounds:
-            continue
-        entry = found.setdefault(spec.cell.values[AXIS], {"config": spec.config, "runs": {}})
-        entry["runs"][spec.seed] = rows
-    return found
+    spec_of = {s.cell.name: s for s in specs}
+    return {spec_of[cell].cell.values[AXIS]: {"config": spec_of[cell].config, "runs": runs} for cell, runs in results.collect(specs).items()}
 
 
 def build_comparison(comparison: Comparison, specs: list[RunSpec]) -> dict:
     from flexfed.models import load_skeleton
 
-    found = collect(comparison, specs)
+    found = collect(specs)
     shapes: dict[str, formulas.ModelShape] = {}
     table, scaling = [], []
     for name in comparison.settings:
