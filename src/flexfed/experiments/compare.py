@@ -153,7 +153,7 @@ def _client_cost(rows: list[dict], key: str) -> float:
 
 def calibrate(comparison: Comparison, sweep_dir: Path, threads: int | None = None) -> None:
     """Fit every setting's client cost per round at S and 2S steps; set each one's steps to the budget."""
-    from flexfed.experiments.sweep import _in_process
+    from flexfed.experiments.sweep import _in_process, default_threads
 
     if comparison.budget == "steps" or comparison.calibration:
         return
@@ -174,7 +174,7 @@ def calibrate(comparison: Comparison, sweep_dir: Path, threads: int | None = Non
                     "--set", f"seed={comparison.seeds[0]}", "--set", f"name={run}", "--set", f"output_dir={root}", "--quiet", "--overwrite"]
             log.info("calibration: %s at %d local steps", name, steps)
             root.mkdir(parents=True, exist_ok=True)
-            if _in_process(argv, threads or 0, root / f"{run}.log") != 0:
+            if _in_process(argv, threads or default_threads(1), root / f"{run}.log") != 0:
                 raise ConfigError(f"calibration run {root / run} failed; see {root / run}.log")
             costs.append(_client_cost(read_metrics(root / run), key))
         b = (costs[1] - costs[0]) / s
