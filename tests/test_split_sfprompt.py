@@ -102,6 +102,8 @@ def test_a_soft_prompt_trains_and_its_positions_cross_the_wire(prompt_setup, tai
     done = log[-1][2]
     assert done.meta["op"] == "done" and set(done.arrays) == {"prompt"} and done.nbytes == prompt_bytes
     assert outcome.update.steps == setup.config.training.local_steps
+    # The cost formula sees the n extra positions and the input gradient block 0 now needs.
+    assert outcome.stats["flops"] == pytest.approx(outcome.stats["flops_analytic"], rel=1e-3)
     assert outcome.bytes_down == prompt_bytes + sum(outcome.update.bytes_down_per_step)
     assert outcome.bytes_up == prompt_bytes + sum(outcome.update.bytes_up_per_step)
     # The prompt moved; the server part trained too; FedAvg of one client is its prompt.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import torch
@@ -186,10 +187,13 @@ class ClientSession:
         self.cost = None
         if trainer.arch is not None:
             arch = part_architecture(trainer.arch, trainer.base_model, cut.client_blocks(), head=cut.u_shape)
+            if prompt is not None:  # block 0's input is now trained (the prompt): its q, k, v need input gradients too
+                arch = replace(arch, first_qkv=0)
             shapes = {n: (f.b.shape[0], f.a.shape[1]) for n, f in start.items()}
             ranks = {n: f.rank for n, f in start.items()}
-            trained = sum(r * sum(shapes[n]) for n, r in ranks.items()) + (0 if prompt is None else prompt.numel())
-            self.cost = StepCost(arch, model.device, trained, shapes, ranks)
+            # LoRA parameters cost FLOPs per token; a prompt's cost is its n positions, counted in the
+            # sequence's width (``backward``), not per token.
+            self.cost = StepCost(arch, model.device, sum(r * sum(shapes[n]) for n, r in ranks.items()), shapes, ranks)
             self.cost.reset_peak()
         self.flops_counted = 0  # FLOPs counted so far on the first step (it spans several messages)
         self.batch = self.hidden = None
@@ -274,7 +278,10 @@ class ClientSession:
         mine = squared_norm(list(self.grads.values()))
         self.trainable.step(self.grads, [mine, server_squared_norm])
         if self.cost is not None:
-            self.cost.add(self.batch, self.flops_counted if self.cost.counted is None else None)
+            # The formula reads the sequence's shape as the model sees it (with a prompt, n positions
+            # wider than the token ids: the mask's) and the labels.
+            shape = {"input_ids": self.batch["attention_mask"], "labels": self.batch["labels"]}
+            self.cost.add(shape, self.flops_counted if self.cost.counted is None else None)
         self.losses.append(self.step_loss if loss is None else loss)
         self.tokens += self.step_tokens
         self.grads, self.hidden, self.step_loss = {}, None, None
