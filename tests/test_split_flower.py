@@ -43,25 +43,34 @@ def test_a_split_step_payload_of_mixed_dtypes_survives_the_wire_bit_for_bit():
         wire.decode_payload(arrays, "mixed", "hidden=float32")
 
 
-def test_split_training_over_a_real_superlink_equals_the_simulator(tmp_path, federations):  # noqa: F811
+# SFPrompt's options (docs/split.md): a soft prompt for client part, a U-shape, EL2N pruning.
+SFPROMPT = ["model.name=tiny-llama-4", "split.tail_layers=1", "split.client_adapter=prompt", "split.prompt_tokens=2",
+            "split.prune_fraction=0.5", "training.local_steps=null", "training.local_epochs=0.1"]  # 2 steps on the 74 kept of 148
+
+
+@pytest.mark.parametrize("options", [[], SFPROMPT], ids=["lora", "sfprompt"])
+def test_split_training_over_a_real_superlink_equals_the_simulator(tmp_path, federations, options):  # noqa: F811
     fed = federations()
     fed.start_superlink()
     nodes = [fed.start_supernode(f"node{k}", node_config_string(partition=(k, 2))) for k in range(2)]
-    config = load_config("tiny", [*SPLIT, f"output_dir={tmp_path / 'flower'}"])
+    config = load_config("tiny", [*SPLIT, *options, f"output_dir={tmp_path / 'flower'}"])
     run_id = fed.submit(write_app(tmp_path / "app", config))
-    reference = load_config("tiny", [*SPLIT, f"output_dir={tmp_path / 'inproc'}"])
+    reference = load_config("tiny", [*SPLIT, *options, f"output_dir={tmp_path / 'inproc'}"])
     simulation.run(reference, show_progress=False)
     _wait_for_run_dir(config.run_dir, 2, fed, run_id)
 
     _assert_same_global_adapter(config.run_dir, reference.run_dir)
+    a, b = load_checkpoint(config.run_dir).tensors, load_checkpoint(reference.run_dir).tensors  # the prompt, if any
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     flower, inproc = _metrics(config.run_dir), _metrics(reference.run_dir)
     assert _comparable(flower) == _comparable(inproc)
-    steps = config.training.local_steps
     for m in flower[1:]:
         assert m["clients_reported"] == 2
         for c in m["clients"]:
             # every step was a round trip through the SuperLink: activations up, gradient down
+            steps = config.training.local_steps or c["steps"]
             assert c["steps"] == steps and len(c["bytes_up_per_step"]) == steps
+            assert (c.get("pruned", 0) > 0) == bool(options)
             assert c["array_bytes_up"] == c["bytes_up"] and c["array_bytes_down"] == c["bytes_down"]
             assert c["wire_bytes_up"] > c["bytes_up"]
     assert all(p.alive() for p in nodes)
