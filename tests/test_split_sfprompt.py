@@ -266,6 +266,7 @@ def test_pruning_drops_the_lowest_el2n_examples_and_the_steps_they_cost(prune_se
     (["split.client_adapter=prompt"], "split.prompt_tokens must be at least 1"),
     (["split.prompt_tokens=4"], "split.prompt_tokens=4 applies to split.client_adapter=prompt only"),
     (["split.client_adapter=prompt", "split.prompt_tokens=4", "split.client_method=flexlora"], "split.client_method 'flexlora'"),
+    (["split.client_adapter=prompt", "split.prompt_tokens=4", "resources.distribution=uniform"], "resources.distribution='uniform'"),
     (["split.prune_fraction=0.3", "training.local_steps=null", "training.local_epochs=1"], "split.prune_fraction=0.3 needs split.tail_layers > 0"),
     (["split.prune_fraction=0.3", "split.tail_layers=1"], "needs training.local_epochs"),
     (["split.prune_fraction=1.0"], "split.prune_fraction"),

@@ -37,6 +37,11 @@ def check_config(config) -> None:
                 f"split.client_method {s.client_method!r} {s.client_method_options or ''} aggregates client LoRA; with split.client_adapter=prompt "
                 "the client part is a soft prompt, averaged with the data-size weights (leave client_method at fedit, no options)"
             )
+        if config.resources.distribution != "homogeneous":
+            raise ValueError(
+                f"resources.distribution={config.resources.distribution!r} sets the client parts' LoRA ranks; with split.client_adapter=prompt "
+                "the clients train no LoRA (the server part's rank is split.server_rank)"
+            )
     elif s.prompt_tokens:
         raise ValueError(f"split.prompt_tokens={s.prompt_tokens} applies to split.client_adapter=prompt only, not {s.client_adapter!r}")
     if s.prune_fraction:
