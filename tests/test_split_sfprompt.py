@@ -15,7 +15,7 @@ from flexfed.data.prompts import IGNORE_INDEX
 from flexfed.protocol import Outcome
 from flexfed.runner import Runner
 from flexfed.split.prompt import PromptedModel
-from flexfed.split.protocol import PROMPT
+from flexfed.split.protocol import PROMPT, SplitProtocol
 from flexfed.split.sides import ClientSession
 
 from test_split import _round, _split
@@ -274,3 +274,12 @@ def test_pruning_drops_the_lowest_el2n_examples_and_the_steps_they_cost(prune_se
 def test_config_refuses_sfprompt_options_it_cannot_honour(tiny_config, overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config("federation.method=split", *overrides)
+
+
+def test_a_prompt_runs_server_part_starts_where_a_lora_runs_does(prompt_setup, tiny_config):
+    """Same seed, same cut: the server part's start does not depend on what the client trains."""
+    _, protocol = prompt_setup(1)
+    lora = SplitProtocol(Setup(tiny_config("model.name=tiny-llama-4", "federation.method=split", "split.cut_layer=1")))
+    a, b = protocol.server_adapter(protocol.initial_state()), lora.server_adapter(lora.initial_state())
+    assert set(a) == set(b) and all(torch.equal(a[n].a, b[n].a) and torch.equal(a[n].b, b[n].b) for n in a)
+

@@ -137,10 +137,11 @@ class SplitProtocol(Protocol):
         in name order from the run's init seed), then cut: the client part at the clients' largest
         ranks, the server part at ``split.server_rank``."""
         s = self.server
-        ranks = {**s.max_ranks, **dict.fromkeys(self.server_shapes, self.server_rank)}
         lora = self.config.lora
-        shapes = {n: self.setup.shapes[n] for n in ranks}
-        init = init_adapter(shapes, ranks, lora.alpha, lora.rslora, derived_seed(self.config.seed, "init"))
+        # Every module is drawn, a prompt run's client modules too (at lora.rank, then dropped), so
+        # the server part starts where a client-LoRA run's does: the two compare from one start.
+        ranks = {**dict.fromkeys(self.setup.shapes, lora.rank), **s.max_ranks, **dict.fromkeys(self.server_shapes, self.server_rank)}
+        init = init_adapter(self.setup.shapes, ranks, lora.alpha, lora.rslora, derived_seed(self.config.seed, "init"))
         client = s.aggregator.initial({n: init[n] for n in self.client_shapes}, self.link.common(s.max_ranks))
         tensors = {PROMPT: self.initial_prompt()} if self.prompt else {}
         return ServerState(round=0, global_adapter={**client, **{n: init[n] for n in self.server_shapes}}, tensors=tensors)
