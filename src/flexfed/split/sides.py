@@ -165,7 +165,8 @@ class Trainable:
 
 
 class ClientSession:
-    """One client's round on its side: its batches, its client-part LoRA, its cost."""
+    """One client's round on its side: its batches (pruned, with ``split.prune_fraction``), its
+    client part (LoRA, or a soft prompt with ``split.client_adapter=prompt``), its cost."""
 
     def __init__(self, model: SplitModel, client_id: str, start: Adapter, examples, seed: int, prompt: torch.Tensor | None = None,
                  prune_fraction: float = 0.0):
@@ -212,7 +213,8 @@ class ClientSession:
         for start in range(0, len(examples), size):
             batch = {k: v.to(m.device) for k, v in collate(examples[start:start + size], trainer.pad_id).items()}
             scores += m.el2n(factors, blocks, batch, self.trainable.prompt).tolist()
-        drop = set(sorted(range(len(examples)), key=lambda i: (scores[i], i))[: int(fraction * len(examples))])
+        count = int(fraction * len(examples) + 1e-9)  # ⌊f·n⌋, not one less when f·n rounds to just below an integer
+        drop = set(sorted(range(len(examples)), key=lambda i: (scores[i], i))[:count])
         return [e for i, e in enumerate(examples) if i not in drop]
 
     def _counter(self):
