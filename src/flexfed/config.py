@@ -296,6 +296,14 @@ class SplitConfig(_Section):
     wire_dtype: Literal["model", "bfloat16", "float16"] = "model"  # activations and their gradients on the wire
     client_method: str = "fedit"  # how the client parts' LoRA is aggregated: a weights-protocol method
     client_method_options: dict[str, Any] = Field(default_factory=dict)
+    # SFPrompt (arXiv 2407.17533): what the client part trains. lora: LoRA on the client's blocks,
+    # aggregated by client_method; prompt: split.prompt_tokens virtual-token embeddings prepended
+    # to every input, the client's blocks frozen with no LoRA, FedAvg-ed with the data-size weights.
+    client_adapter: Literal["lora", "prompt"] = "lora"
+    prompt_tokens: int = Field(0, ge=0)  # n, with client_adapter=prompt only
+    # SFPrompt's local data pruning: each round a client drops this fraction of its examples, those
+    # with the lowest EL2N score on its own head and tail (the ones it already fits); 0: off.
+    prune_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class RunConfig(_Section):

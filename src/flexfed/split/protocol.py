@@ -28,7 +28,11 @@ Departures from SplitFed: LoRA adapters (not whole weights) train on both sides;
 is averaged factor by factor (FedIT's rule) in v1; in v2 the clients' steps interleave one step
 each in the order of their ids (the executor drives every conversation a wave at a time) rather
 than one client's whole round after another; the fed server and the main server are one party.
-Not yet: SFPrompt's soft prompt and loss-based data pruning.
+
+SFPrompt options: ``split.client_adapter=prompt`` trains ``split.prompt_tokens`` virtual-token
+embeddings on the client instead of client LoRA (FedAvg-ed with the data-size weights, kept in
+``ServerState.tensors`` so checkpoints carry it); ``split.prune_fraction`` makes each client drop
+the examples it already fits (lowest EL2N on its own head and tail) before it trains.
 
 Engines: in-process, and Flower SuperNodes (``flexfed flower supernode``), where each message of
 the conversation is a Flower message and a client's session lives in its node's trainer process
@@ -44,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from flexfed.aggregation.base import normalized_weights
 from flexfed.aggregation.fedit import fedit_average
 from flexfed.aggregation.weights import check_method, ranks_by_kind
@@ -54,21 +60,25 @@ from flexfed.resources import client_profiles
 from flexfed.server import Link, Server, ServerState, derived_seed
 from flexfed.split.checks import check_config, client_method_config
 from flexfed.split.parts import Cut
+from flexfed.split.prompt import prompted, save_prompt
 from flexfed.split import wire
 from flexfed.split.sides import ClientSession, ServerPart, SplitModel, squared_norm
 
 log = logging.getLogger(__name__)
+
+PROMPT = "split.prompt"  # the soft prompt's key in ServerState.tensors (checkpointed with them)
 
 
 @dataclass
 class SplitUpdate:
     """A client's finished round, as the server keeps it."""
 
-    client: Adapter  # its trained client part, checked
+    client: Adapter | torch.Tensor  # its trained client part, checked (split.client_adapter=prompt: its soft prompt)
     server: Adapter | None  # v1: its copy of the server part (v2: None, the part is shared)
     steps: int
     bytes_up_per_step: list[int] = field(default_factory=list)  # activations (+ mask, labels) sent per step
     bytes_down_per_step: list[int] = field(default_factory=list)  # gradients (+ U-shape's output) received per step
+    pruned: int = 0  # examples the client pruned this round (split.prune_fraction)
 
 
 class SplitProtocol(Protocol):
@@ -81,7 +91,11 @@ class SplitProtocol(Protocol):
         s = config.split
         trainer = setup.trainer
         self.cut = Cut(trainer.base_model.config.num_hidden_layers, s.cut_layer, s.tail_layers)
-        self.client_shapes = {n: sh for n, sh in setup.shapes.items() if self.cut.side(n) == "client"}
+        self.prompt = s.client_adapter == "prompt"
+        self.prompt_shape = (s.prompt_tokens, trainer.base_model.config.hidden_size)
+        # With a soft prompt the client's blocks carry no LoRA: the client part is the prompt alone
+        # (the weights-protocol server below then only keeps the clients' ids, seeds and profiles).
+        self.client_shapes = {} if self.prompt else {n: sh for n, sh in setup.shapes.items() if self.cut.side(n) == "client"}
         self.server_shapes = {n: sh for n, sh in setup.shapes.items() if self.cut.side(n) == "server"}
         if not self.server_shapes:
             raise ValueError(f"split.cut_layer={s.cut_layer}: no adapted module (lora.target_modules) lies in the server's blocks")
@@ -123,11 +137,22 @@ class SplitProtocol(Protocol):
         in name order from the run's init seed), then cut: the client part at the clients' largest
         ranks, the server part at ``split.server_rank``."""
         s = self.server
-        ranks = {**s.max_ranks, **dict.fromkeys(self.server_shapes, self.server_rank)}
         lora = self.config.lora
+        # Every module is drawn, a prompt run's client modules too (at lora.rank, then dropped), so
+        # the server part starts where a client-LoRA run's does: the two compare from one start.
+        ranks = {**dict.fromkeys(self.setup.shapes, lora.rank), **s.max_ranks, **dict.fromkeys(self.server_shapes, self.server_rank)}
         init = init_adapter(self.setup.shapes, ranks, lora.alpha, lora.rslora, derived_seed(self.config.seed, "init"))
         client = s.aggregator.initial({n: init[n] for n in self.client_shapes}, self.link.common(s.max_ranks))
-        return ServerState(round=0, global_adapter={**client, **{n: init[n] for n in self.server_shapes}})
+        tensors = {PROMPT: self.initial_prompt()} if self.prompt else {}
+        return ServerState(round=0, global_adapter={**client, **{n: init[n] for n in self.server_shapes}}, tensors=tensors)
+
+    def initial_prompt(self) -> torch.Tensor:
+        """The soft prompt's start: the input embeddings of n vocabulary tokens drawn from the run's
+        seed (PEFT's ``sample_vocab`` init), so it starts at the scale of real token embeddings."""
+        embeddings = self.setup.trainer.base_model.get_input_embeddings().weight
+        g = torch.Generator().manual_seed(derived_seed(self.config.seed, "prompt"))
+        tokens = torch.randint(embeddings.shape[0], (self.prompt_shape[0],), generator=g)
+        return embeddings.detach()[tokens.to(embeddings.device)].float().cpu().clone()
 
     def resume(self, state: ServerState) -> None:
         self.server.use_ranks(state)
@@ -135,24 +160,30 @@ class SplitProtocol(Protocol):
 
     def evaluated(self, trainer, state: ServerState):
         s = self.server
-        return trainer.merged({**s.peft_view(s.eval_adapter(self.client_view(state))), **self.server_adapter(state)})
+        merged = trainer.merged({**s.peft_view(s.eval_adapter(self.client_view(state))), **self.server_adapter(state)})
+        return prompted(merged, state.tensors[PROMPT]) if self.prompt else merged
 
     def save(self, run_dir: Path, state: ServerState) -> None:
         s = self.server
         whole = {**s.global_update(self.client_view(state)), **self.server_adapter(state)}
-        s.save_global(Path(run_dir) / "adapters" / f"round-{state.round:04d}", whole)
+        path = s.save_global(Path(run_dir) / "adapters" / f"round-{state.round:04d}", whole)
+        if self.prompt:
+            save_prompt(Path(path) / "prompt", state.tensors[PROMPT], self.setup.trainer.base_model.config)
 
     def client_fields(self, round_: int, client: int, update) -> dict:
         s = self.server
         fields = {"profile": s.profiles[s.client_profile[client]].name, "ranks": ranks_by_kind(s.ranks_of(client)), "cut_layer": self.cut.cut_layer}
         if update is not None:
             fields.update(steps=update.steps, bytes_up_per_step=update.bytes_up_per_step, bytes_down_per_step=update.bytes_down_per_step)
+            if self.config.split.prune_fraction:
+                fields["pruned"] = update.pruned
         return fields
 
     def round_fields(self, state: ServerState, round_: int, reported) -> dict:
         s = self.config.split
         return {"split": {"cut_layer": s.cut_layer, "tail_layers": s.tail_layers, "server_mode": s.server_mode, "wire_dtype": s.wire_dtype,
-                          "server_rank": self.server_rank, "server_part": self._fate if round_ else None}}
+                          "server_rank": self.server_rank, "server_part": self._fate if round_ else None, "client_adapter": s.client_adapter,
+                          **({"prompt_tokens": s.prompt_tokens} if self.prompt else {}), **({"prune_fraction": s.prune_fraction} if s.prune_fraction else {})}}
 
     # ------------------------------------------------------------------ the server's side
 
@@ -176,7 +207,8 @@ class SplitProtocol(Protocol):
         up, down = [], []
         pending = None  # the server part's last step: its gradients and squared norm, until the client's norm arrives
         try:
-            reply = yield Message(s.downlink(self.client_view(state), client, shares_base), meta)
+            start = {"prompt": state.tensors[PROMPT]} if self.prompt else s.downlink(self.client_view(state), client, shares_base)
+            reply = yield Message(start, meta)
             while reply.meta.get("op") == "activations":
                 if pending is not None:
                     part.step(pending[0], pending[1], _client_norm(reply, who))
@@ -203,16 +235,35 @@ class SplitProtocol(Protocol):
             if pending is None:
                 raise ValueError(f"{who}: finished without a training step")
             part.step(pending[0], pending[1], _client_norm(reply, who))
-            update = s.receive(client, reply.arrays)
+            update = self._received_prompt(reply.arrays, who) if self.prompt else s.receive(client, reply.arrays)
+            pruned = reply.meta.get("pruned", 0)
+            if isinstance(pruned, bool) or not isinstance(pruned, int) or pruned < 0:
+                raise ValueError(f"{who}: pruned {pruned!r} is not a count of examples")
         except BaseException:  # closed (its node is gone) or refused: what it touched must not count
             if self.config.split.server_mode == "v2":
                 self._discarded.add(round_)
             raise
-        return SplitUpdate(update, part.adapter() if self.config.split.server_mode == "v1" else None, len(up), up, down)
+        return SplitUpdate(update, part.adapter() if self.config.split.server_mode == "v1" else None, len(up), up, down, pruned)
+
+    def _received_prompt(self, arrays, who: str) -> torch.Tensor:
+        """A client's trained soft prompt, checked like any update: its shape, fp32, finite."""
+        prompt = arrays.get("prompt")
+        if set(arrays) != {"prompt"} or not isinstance(prompt, torch.Tensor) or prompt.dtype != torch.float32 or tuple(prompt.shape) != self.prompt_shape:
+            raise ValueError(f"{who}: expected its soft prompt alone, an fp32 {self.prompt_shape} tensor (split.prompt_tokens x hidden)")
+        if not torch.isfinite(prompt).all():
+            raise ValueError(f"{who}: its soft prompt has non-finite values")
+        return prompt
 
     def combine(self, state: ServerState, round_: int, updates: Sequence[SplitUpdate], weights) -> ServerState:
         s = self.server
-        client_state = s.advance(self.client_view(state), round_, [u.client for u in updates], weights)
+        tensors = state.tensors
+        if not self.prompt:
+            client_state = s.advance(self.client_view(state), round_, [u.client for u in updates], weights)
+        else:  # FedAvg of the prompts with the data-size weights; kept, like LoRA, below min_clients
+            client_state = self.client_view(state)
+            if len(updates) >= self.config.federation.min_clients:
+                p = normalized_weights(weights)
+                tensors = {**tensors, PROMPT: sum(w * u.client for w, u in zip(p, updates))}
         server = self.server_adapter(state)
         mode = self.config.split.server_mode
         if len(updates) < self.config.federation.min_clients:
@@ -228,7 +279,7 @@ class SplitProtocol(Protocol):
         self._shared = None
         self._discarded.discard(round_)
         return ServerState(round=round_, global_adapter={**client_state.global_adapter, **server}, metrics=state.metrics,
-                           rejected=client_state.rejected, client_ranks=client_state.client_ranks)
+                           rejected=client_state.rejected, client_ranks=client_state.client_ranks, tensors=tensors)
 
     # ------------------------------------------------------------------ the clients' side
 
@@ -253,8 +304,9 @@ class SplitProtocol(Protocol):
             if set(ranks) != set(self.client_shapes):
                 raise ValueError(f"client {client}: the start names modules that are not the client part's at split.cut_layer={self.cut.cut_layer}")
             seed = int(m.meta["seed"])
-            start = self.link.start(m.arrays, ranks, seed)
-            self.sessions[client] = ClientSession(self.model(ranks), client, start, setup.examples(client), seed)
+            prompt = self._received_prompt(m.arrays, f"client {client}: the start") if self.prompt else None
+            start = {} if self.prompt else self.link.start(m.arrays, ranks, seed)
+            self.sessions[client] = ClientSession(self.model(ranks), client, start, setup.examples(client), seed, prompt, self.config.split.prune_fraction)
             return self._next(client, None), False
         session = self.sessions.get(client)
         if session is None:
@@ -278,7 +330,8 @@ class SplitProtocol(Protocol):
         del self.sessions[client]
         adapter, stats = session.finish()
         ranks = {n: f.rank for n, f in adapter.items()}
-        return Message(self.link.send(adapter, ranks), {"op": "done", **extra, **stats})
+        arrays = {"prompt": session.prompt()} if self.prompt else self.link.send(adapter, ranks)
+        return Message(arrays, {"op": "done", **extra, **stats})
 
 
 def _client_norm(reply: Message, who: str) -> float:
