@@ -168,3 +168,8 @@ def test_a_run_config_gets_the_default_settings():
     preset = compare.Comparison.load("compare")
     assert c.settings == preset.settings and c.base.endswith("tiny.yaml")
     assert "compare-p3" in compare.packaged_names()
+
+
+def test_compare_alone_validates_the_default_settings(tmp_path):
+    assert main(["compare", "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing

@@ -476,11 +476,11 @@ def open_comparison(file: str | None, out: str | None, sets: list[str] = (), see
     config) with overrides, or ``--out`` alone to continue the one a directory holds."""
     from flexfed.experiments.sweep import parse_sets
 
-    if file is None:
-        if not out or not (Path(out) / STATE).is_file():
-            raise ConfigError("describe a comparison: a comparison file or a run config (e.g. `flexfed compare quickstart`), or --out of a comparison directory")
-        comparison = Comparison.from_dict(yaml.safe_load((Path(out) / STATE).read_text()))
-        return comparison, Path(out)
+    if file is None and out and (Path(out) / STATE).is_file():
+        if sets or seeds or budget:
+            raise ConfigError(f"{out} holds a comparison: continue it with --out alone, or give a comparison file to change it")
+        return Comparison.from_dict(yaml.safe_load((Path(out) / STATE).read_text())), Path(out)
+    file = file or "compare"  # the default settings on the quickstart
     comparison = Comparison.load(file)
     if sets:
         comparison.overrides.update(_overrides(parse_sets(list(sets)), "--set"))
