@@ -91,7 +91,7 @@ def _heartbeat_fn(client, lost: threading.Event):
     return beat
 
 
-def pull_input(client):
+def pull_input(client, counts: dict | None = None):
     """The claimed task's message, context, run and FAB, as Flower's ``flwr-clientapp`` pulls them
     (``run_clientapp.pull_task_input``), with one difference: a short retry for the message's
     objects. The SuperNode makes a task claimable before it has pulled the message's objects
@@ -102,8 +102,11 @@ def pull_input(client):
     from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
     from flwr.supercore.inflatable.inflatable_protobuf_utils import make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_and_inflate_object_from_tree
     from flwr.supercore.task_identity import TaskIdentity
+
+    counts = {} if counts is None else counts  # filled in: PullObject calls, and those that found the object not there yet
+    counts.update(calls=0, waits=0)
 
     res = client.PullTaskInput(PullTaskInputRequest())  # activates the task
     context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
@@ -113,9 +116,19 @@ def pull_input(client):
         raise RuntimeError("the SuperNode holds no message for this task")
     tree = pulled.message_object_trees[0]
     node = Node(node_id=context.node_id)
+    fetch = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
+
+    def counted(object_id: str) -> bytes:
+        counts["calls"] += 1
+        try:
+            return fetch(object_id)
+        except ObjectUnavailableError:
+            counts["waits"] += 1
+            raise
+
     message = pull_and_inflate_object_from_tree(
         tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        counted,
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message, initial_backoff=PULL_BACKOFF_S[0], backoff_cap=PULL_BACKOFF_S[1],
     )
@@ -173,10 +186,10 @@ class Resident:
         heartbeat = HeartbeatSender(_heartbeat_fn(client, lost))
         heartbeat.start()
         message = context = reply = None
-        pulled = began
+        pulled, counts = began, {}
         status, details = SubStatus.FAILED, "the resident ClientApp stopped before the task finished"
         try:
-            message, context, run, fab = pull_input(client)
+            message, context, run, fab = pull_input(client, counts)
             pulled = time.perf_counter()
             wanted = clientapp_of(fab)
             if wanted != CLIENTAPP:
@@ -208,9 +221,9 @@ class Resident:
             client.close()
         if message is not None:
             # The message's creation time is the ServerApp's clock: the first figure is exact only on one machine.
-            log.info("task %d (run %d, %s): claimed %.2f s after the message was created; pulled in %.2f s, served in %.2f s, pushed in %.2f s",
-                     task.task_id, task.run_id, message.metadata.message_type, claimed_at - message.metadata.created_at,
-                     pulled - began, served - pulled, time.perf_counter() - served)
+            log.info("task %d (run %d, %s): claimed %.2f s after the message was created; pulled in %.2f s (%d object requests, %d not there yet), "
+                     "served in %.2f s, pushed in %.2f s", task.task_id, task.run_id, message.metadata.message_type, claimed_at - message.metadata.created_at,
+                     pulled - began, counts.get("calls", 0), counts.get("waits", 0), served - pulled, time.perf_counter() - served)
         self.served += 1
         return status
 
