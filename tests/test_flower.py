@@ -213,9 +213,9 @@ def test_a_supernode_killed_mid_round_is_left_out_and_the_run_finishes(tmp_path,
     victim = nodes[victim_client]  # partition k hosts client index k
     # A resident ClientApp that dies is started again by its node's `flexfed flower supernode`.
     spare = nodes[(victim_client + 1) % 3]
-    first = _wait_for_resident(spare)
-    os.kill(first, signal.SIGKILL)
-    second = _wait_for_resident(spare, other_than=first)
+    killed = _wait_for_resident(spare)
+    os.kill(killed, signal.SIGKILL)
+    restarted = _wait_for_resident(spare, other_than=killed)
     run_id = fed.submit(write_app(tmp_path / "app", config))
 
     fed.wait_for_log(victim, "Receiving: train message", timeout=RUN_TIMEOUT)
@@ -235,8 +235,9 @@ def test_a_supernode_killed_mid_round_is_left_out_and_the_run_finishes(tmp_path,
     assert f"client {ids[victim_client]} left out" in fed.logs(run_id)
     state = load_checkpoint(config.run_dir)
     assert state.round == 2 and all(torch.isfinite(f.b).all() for f in state.global_adapter.values())
-    assert set(_resident_tasks(spare)) == {str(second)}  # the restarted resident served the spare node's messages
-    assert _zombies(fed) == []
+    assert set(_resident_tasks(spare)) == {str(restarted)}  # the restarted resident served the spare node's messages
+    victim.popen.wait(timeout=10)  # this test's own child: reaped here, not a zombie
+    assert _zombies(fed) == []  # the killed resident was reaped by its supervisor
 
 
 def test_flower_sim_engine_runs_the_quickstart_config_with_the_simulator_metrics_format(tmp_path):
