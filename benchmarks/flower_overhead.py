@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     parser.add_argument("--clients", type=int, default=8, help="registered clients (iid partition)")
     parser.add_argument("--sample-fraction", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--isolation", default="subprocess,process", help="SuperNode modes to run, in this order (comma-separated)")
+    parser.add_argument("--isolation", default="subprocess,process", help="SuperNode modes to run, in this order (comma-separated; repeats allowed)")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.isolation.split(",") if m.strip()]
 
@@ -66,17 +66,23 @@ def main(argv=None) -> None:
     print(f"machine: {machine()}; CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"simulator: wall {inproc_wall:.1f} s; median round {sim_round:.2f} s (after the first); load average {' '.join(f'{x:.2f}' for x in load)} before it")
 
-    for mode in modes:
-        flower_config = load_config(args.config, [*settings, f"output_dir={tmp / mode / 'flower'}"])
-        fed = LocalFederation(tmp / mode / "fed")
+    for n, mode in enumerate(modes):
+        where = tmp / f"{n}-{mode}"
+        flower_config = load_config(args.config, [*settings, f"output_dir={where / 'flower'}"])
+        fed = LocalFederation(where / "fed")
         load = os.getloadavg()
         try:
             fed.start_superlink()
             for k in range(args.nodes):
                 fed.start_supernode(f"node{k}", node_config_string(partition=(k, args.nodes)), isolation=mode)
             began = time.perf_counter()
-            run_id = fed.submit(write_app(tmp / mode / "app", flower_config))
-            status = fed.wait_for_run(run_id, timeout=args.timeout)
+            run_id = fed.submit(write_app(where / "app", flower_config))
+            # Watch the run directory, not `flwr ls` every second: each `flwr` call is a Python start
+            # with Flower's imports, CPU that the run being measured would lose on a small machine.
+            summary, deadline = flower_config.run_dir / "report" / "summary.md", time.monotonic() + args.timeout
+            while not summary.exists() and time.monotonic() < deadline and fed.processes[0].alive():
+                time.sleep(0.5)
+            status = fed.wait_for_run(run_id, timeout=60)
             flower_wall = time.perf_counter() - began
         finally:
             fed.stop()
