@@ -364,9 +364,10 @@ def _markdown(sums: list[dict], plots: list[str]) -> str:
     flower = [s for s in sums if s.get("client_roundtrip_s_median") is not None]
     if flower:
         out += ["", "On Flower, per client and round (medians): the round trip of its messages (push to reply), its own "
-                "training time on the node, the rest (outside compute), and that rest split: the ClientApp's handler on "
-                "the node beyond training (decoding, encoding, any relay) and Flower's part (transport, the SuperNode's "
-                "and ServerApp's polling, task dispatch, a ClientApp process start per message in subprocess isolation).", ""]
+                "training time on the node, the rest (outside compute), and the round trip split the other way: the "
+                "ClientApp's handler on the node (training, decoding, encoding, any relay) and Flower's part (transport, "
+                "the SuperNode's and ServerApp's polling, task dispatch, a ClientApp process start per message in "
+                "subprocess isolation).", ""]
         out.append(table(["run", "round trip", "client compute", "outside compute", "ClientApp handler", "Flower"], [
             [s["run"], *(human_seconds(s[k]) for k in ("client_roundtrip_s_median", "client_compute_s_median", "client_outside_s_median")),
              *("–" if s.get(k) is None else human_seconds(s[k]) for k in ("client_clientapp_s_median", "client_flower_s_median"))]
