@@ -124,6 +124,7 @@ def main(argv=None) -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--sample-fraction", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--examples-per-task", type=int, default=64, help="enough training examples for one per client")
     parser.add_argument("--nodes", type=int, default=8, help="SuperNodes of the loopback deployment")
     parser.add_argument("--sim-nodes", type=int, default=0, help="flower-sim's virtual SuperNodes (0: one per client)")
     parser.add_argument("--runs", default="sim,flower-sim,deploy")
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="flexfed-flower-scale-"))
     settings = [
         f"federation.rounds={args.rounds}", f"federation.sample_fraction={args.sample_fraction}", "data.partition=iid",
-        f"data.num_clients={args.clients}", f"eval.every={args.rounds}", "eval.seen_examples=2", "eval.unseen_examples=2",
+        f"data.num_clients={args.clients}", f"data.examples_per_task={args.examples_per_task}", f"eval.every={args.rounds}", "eval.seen_examples=2", "eval.unseen_examples=2",
         f"flower.min_nodes={args.nodes}", f"flower.num_supernodes={args.sim_nodes or args.clients}",
     ]
     print(f"settings: config {args.config}, {args.clients} clients, sample fraction {args.sample_fraction}, {args.rounds} rounds; "
@@ -162,7 +163,11 @@ def main(argv=None) -> None:
                 began = time.perf_counter()
                 with Sampler(groups) as sampler:
                     run_id = fed.submit(write_app(tmp / "app", config))
-                    status = fed.wait_for_run(run_id, timeout=args.timeout)
+                    # Watch the run directory rather than call `flwr ls` every second (a Python start each).
+                    summary, deadline = config.run_dir / "report" / "summary.md", time.monotonic() + args.timeout
+                    while not summary.exists() and time.monotonic() < deadline and link.alive():
+                        time.sleep(0.5)
+                    status = fed.wait_for_run(run_id, timeout=60)
                 wall = time.perf_counter() - began
             finally:
                 fed.stop()
