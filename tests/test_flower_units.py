@@ -316,7 +316,10 @@ def test_a_deployment_counts_only_bytes_a_reply_confirms_names_dead_nodes_and_wr
     assert (config.run_dir / "report" / "summary.md").exists()
     for c in rounds[0]["clients"] + rounds[1]["clients"]:  # the scripted nodes train when pulled: inside the round trip
         assert c["time_roundtrip_s"] >= c["seconds"] and c["time_outside_client_s"] == pytest.approx(c["time_roundtrip_s"] - c["seconds"])
-    assert "outside compute" in (config.run_dir / "report" / "summary.md").read_text()
+        # the ClientApp's handler (its training inside) and the rest, Flower's part
+        assert c["seconds"] <= c["time_clientapp_s"] <= c["time_roundtrip_s"] and c["time_flower_s"] == pytest.approx(c["time_roundtrip_s"] - c["time_clientapp_s"])
+    summary = (config.run_dir / "report" / "summary.md").read_text()
+    assert "outside compute" in summary and "ClientApp handler" in summary
 
 
 class Absent:
