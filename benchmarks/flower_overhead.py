@@ -1,11 +1,15 @@
 """Flower's per-message overhead: a loopback deployment against the in-process simulator.
 
 Both run the same config (tiny model by default, so that training is short and the overhead
-shows): ``--nodes`` SuperNodes on loopback through ``flexfed flower supernode`` (trainer worker
-kept loaded), each hosting every N-th client, and the simulator in this process. Per round:
-wall time on both, and on Flower the clients' median round trip (push to reply), their own
-training time on the node and the rest (``time_outside_client_s``: transport, queueing behind the
-node's other clients, Flower 1.41's new ``flwr-clientapp`` process per message). The last line is
+shows): ``--nodes`` SuperNodes on loopback through ``flexfed flower supernode``, each hosting
+every N-th client, and the simulator in this process. ``--isolation`` lists the SuperNode modes
+to run, one deployment each, one after the other under the same load: ``process`` (a resident
+ClientApp process serves every message) and ``subprocess`` (Flower starts a ``flwr-clientapp``
+process per message, which relays to the node's trainer worker). Per round: wall time, and on
+Flower the clients' medians of the round trip (push to reply), their own training time on the
+node (``seconds``), the ClientApp handler's time on the node (``time_clientapp_s``: training plus
+decoding, encoding and any relay) and Flower's part (``time_flower_s``: the round trip less the
+handler: transport, polling, task dispatch, process starts). Per mode, the last line is
 ``flower overhead ratio X``: Flower's round wall time over the simulator's (median over rounds
 after the first).
 """
@@ -41,7 +45,9 @@ def main(argv=None) -> None:
     parser.add_argument("--clients", type=int, default=8, help="registered clients (iid partition)")
     parser.add_argument("--sample-fraction", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--isolation", default="subprocess,process", help="SuperNode modes to run, in this order (comma-separated; repeats allowed)")
     args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.isolation.split(",") if m.strip()]
 
     tmp = Path(tempfile.mkdtemp(prefix="flexfed-flower-overhead-"))
     settings = [
@@ -49,43 +55,55 @@ def main(argv=None) -> None:
         f"data.num_clients={args.clients}", f"eval.every={args.rounds}", "eval.seen_examples=2", "eval.unseen_examples=2",
         f"flower.min_nodes={args.nodes}",
     ]
-    flower_config = load_config(args.config, [*settings, f"output_dir={tmp / 'flower'}"])
     inproc_config = load_config(args.config, [*settings, f"output_dir={tmp / 'inproc'}"])
-
+    load = os.getloadavg()
     began = time.perf_counter()
     simulation.run(inproc_config, show_progress=False)
     inproc_wall = time.perf_counter() - began
+    inproc = rounds_of(inproc_config.run_dir)
+    later = slice(1, None) if len(inproc) > 1 else slice(None)
+    sim_round = statistics.median(i["time_round_s"] for i in inproc[later])
+    print(f"machine: {machine()}; CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"simulator: wall {inproc_wall:.1f} s; median round {sim_round:.2f} s (after the first); load average {' '.join(f'{x:.2f}' for x in load)} before it")
 
-    fed = LocalFederation(tmp / "fed")
-    try:
-        fed.start_superlink()
-        for k in range(args.nodes):
-            fed.start_supernode(f"node{k}", node_config_string(partition=(k, args.nodes)))
-        began = time.perf_counter()
-        run_id = fed.submit(write_app(tmp / "app", flower_config))
-        status = fed.wait_for_run(run_id, timeout=args.timeout)
-        flower_wall = time.perf_counter() - began
-    finally:
-        fed.stop()
-    if status.get("status") != "finished:completed":
-        raise SystemExit(f"the Flower run did not complete: {status}")
-
-    flower, inproc = rounds_of(flower_config.run_dir), rounds_of(inproc_config.run_dir)
-    print(f"machine: {machine()}; CPU capability {torch.backends.cpu.get_cpu_capability()}; load average {os.getloadavg()[0]:.2f}")
-    print(f"settings: config {args.config}, {args.nodes} SuperNodes on loopback, {args.clients} clients, "
-          f"{flower[0]['clients_sampled']} sampled a round, {args.rounds} rounds; wall incl. start: Flower {flower_wall:.1f} s, "
-          f"simulator {inproc_wall:.1f} s")
-    print(f"{'round':>5} {'sim s':>7} {'flower s':>9} {'trip s':>7} {'train s':>8} {'outside s':>10}")
-    for f, i in zip(flower, inproc):
-        clients = f["clients"]
-        med = lambda key: statistics.median(c[key] for c in clients)  # noqa: E731
-        print(f"{f['round']:>5} {i['time_round_s']:7.2f} {f['time_round_s']:9.2f} {med('time_roundtrip_s'):7.2f} "
-              f"{med('seconds'):8.2f} {med('time_outside_client_s'):10.2f}")
-    later = slice(1, None) if len(flower) > 1 else slice(None)
-    ratio = statistics.median(f["time_round_s"] for f in flower[later]) / statistics.median(i["time_round_s"] for i in inproc[later])
-    outside = statistics.median(c["time_outside_client_s"] for f in flower[later] for c in f["clients"])
-    print(f"per-message overhead (median time outside the client's compute): {outside:.2f} s")
-    print(f"flower overhead ratio {ratio:.2f}")
+    for n, mode in enumerate(modes):
+        where = tmp / f"{n}-{mode}"
+        flower_config = load_config(args.config, [*settings, f"output_dir={where / 'flower'}"])
+        fed = LocalFederation(where / "fed")
+        load = os.getloadavg()
+        try:
+            fed.start_superlink()
+            for k in range(args.nodes):
+                fed.start_supernode(f"node{k}", node_config_string(partition=(k, args.nodes)), isolation=mode)
+            began = time.perf_counter()
+            run_id = fed.submit(write_app(where / "app", flower_config))
+            # Watch the run directory, not `flwr ls` every second: each `flwr` call is a Python start
+            # with Flower's imports, CPU that the run being measured would lose on a small machine.
+            summary, deadline = flower_config.run_dir / "report" / "summary.md", time.monotonic() + args.timeout
+            while not summary.exists() and time.monotonic() < deadline and fed.processes[0].alive():
+                time.sleep(0.5)
+            status = fed.wait_for_run(run_id, timeout=60)
+            flower_wall = time.perf_counter() - began
+        finally:
+            fed.stop()
+        if status.get("status") != "finished:completed":
+            raise SystemExit(f"the Flower run ({mode}) did not complete: {status}")
+        flower = rounds_of(flower_config.run_dir)
+        print(f"\n--isolation {mode}: config {args.config}, {args.nodes} SuperNodes on loopback, {args.clients} clients, "
+              f"{flower[0]['clients_sampled']} sampled a round, {args.rounds} rounds; wall incl. start: Flower {flower_wall:.1f} s, "
+              f"simulator {inproc_wall:.1f} s; load average {' '.join(f'{x:.2f}' for x in load)} before, "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after")
+        print(f"{'round':>5} {'sim s':>7} {'flower s':>9} {'trip s':>7} {'train s':>8} {'outside s':>10} {'clientapp s':>12} {'flower part s':>14}")
+        for f, i in zip(flower, inproc):
+            clients = f["clients"]
+            med = lambda key: statistics.median(c[key] for c in clients)  # noqa: E731
+            print(f"{f['round']:>5} {i['time_round_s']:7.2f} {f['time_round_s']:9.2f} {med('time_roundtrip_s'):7.2f} "
+                  f"{med('seconds'):8.2f} {med('time_outside_client_s'):10.2f} {med('time_clientapp_s'):12.2f} {med('time_flower_s'):14.2f}")
+        ratio = statistics.median(f["time_round_s"] for f in flower[later]) / sim_round
+        clients = [c for f in flower[later] for c in f["clients"]]
+        print(f"per-message overhead (median time outside the client's compute): {statistics.median(c['time_outside_client_s'] for c in clients):.2f} s; "
+              f"of it Flower's part (round trip less the ClientApp handler): {statistics.median(c['time_flower_s'] for c in clients):.2f} s")
+        print(f"flower overhead ratio {ratio:.2f} (--isolation {mode})")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ it started (by process group id) in the fixture's teardown, whatever happened.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,25 @@ def _zombies(fed) -> list[str]:
     return found
 
 
+def _resident_tasks(node) -> dict[str, int]:
+    """Tasks served per resident ClientApp process (pid -> count), from the node's log."""
+    counts: dict[str, int] = {}
+    for pid in re.findall(r"resident\[(\d+)\]: task \d+ \(run", node.log.read_text(errors="replace")):
+        counts[pid] = counts.get(pid, 0) + 1
+    return counts
+
+
+def _wait_for_resident(node, timeout=RUN_TIMEOUT, other_than=None) -> int:
+    """The pid of the node's resident ClientApp once it serves (one other than ``other_than``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [int(p) for p in re.findall(r"resident\[(\d+)\]: serving", node.log.read_text(errors="replace"))]
+        if pids and pids[-1] != other_than:
+            return pids[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"{node.name}: no resident ClientApp serves after {timeout} s; log:\n{node.log.read_text()[-3000:]}")
+
+
 @pytest.fixture
 def federations(tmp_path):
     """Start LocalFederations; every process they started is stopped at teardown."""
@@ -116,7 +136,11 @@ def test_tls_authenticated_deployment_with_three_ranks_equals_the_in_process_sim
     fed = federations(certs=certs, auth=True)
     fed.start_superlink()
     fed.register(*(certs / f"supernode-{k + 1}.pub" for k in range(3)))
-    nodes = [fed.start_supernode(f"node{k}", node_config_string(partition=(k, 3)), auth_key=certs / f"supernode-{k + 1}.key") for k in range(3)]
+    # Node 0 runs Flower's own executor (a flwr-clientapp process per message, relaying to a trainer
+    # worker); nodes 1 and 2 a resident ClientApp process: both must give the simulator's result.
+    isolation = ["subprocess", "process", "process"]
+    nodes = [fed.start_supernode(f"node{k}", node_config_string(partition=(k, 3)), auth_key=certs / f"supernode-{k + 1}.key", isolation=isolation[k])
+             for k in range(3)]
     # A SuperNode whose key was never registered must not get in.
     intruder = fed.start_supernode("intruder", node_config_string(partition=(0, 3)), auth_key=certs / "supernode-4.key", worker=False)
 
@@ -162,6 +186,19 @@ def test_tls_authenticated_deployment_with_three_ranks_equals_the_in_process_sim
     assert all(p.alive() for p in nodes)
     assert _zombies(fed) == []  # Flower's app processes were reaped (deploy.reap_children)
 
+    # One resident process served every message of its node (the query and both rounds' training):
+    # nothing was started per message. Node 0 started a flwr-clientapp process for each.
+    for node in nodes[1:]:
+        served = _resident_tasks(node)
+        assert len(served) == 1 and sum(served.values()) == 3, served
+        assert "Start `flwr-clientapp` process" not in node.log.read_text()
+    assert _resident_tasks(nodes[0]) == {}
+    assert nodes[0].log.read_text().count("Start `flwr-clientapp` process") == 3
+    # Both kinds of node report their ClientApp's time; the rest of the round trip is Flower's.
+    for c in flower[1]["clients"] + flower[2]["clients"]:
+        assert c["seconds"] <= c["time_clientapp_s"] <= c["time_roundtrip_s"], c
+        assert c["time_flower_s"] == pytest.approx(c["time_roundtrip_s"] - c["time_clientapp_s"]), c
+
 
 def test_a_supernode_killed_mid_round_is_left_out_and_the_run_finishes(tmp_path, federations):
     overrides = [*BASE, f"output_dir={tmp_path / 'flower'}", "federation.sample_fraction=0.6", "flower.round_timeout=30"]
@@ -174,6 +211,11 @@ def test_a_supernode_killed_mid_round_is_left_out_and_the_run_finishes(tmp_path,
     fed.start_superlink()
     nodes = [fed.start_supernode(f"node{k}", node_config_string(partition=(k, 3))) for k in range(3)]
     victim = nodes[victim_client]  # partition k hosts client index k
+    # A resident ClientApp that dies is started again by its node's `flexfed flower supernode`.
+    spare = nodes[(victim_client + 1) % 3]
+    killed = _wait_for_resident(spare)
+    os.kill(killed, signal.SIGKILL)
+    restarted = _wait_for_resident(spare, other_than=killed)
     run_id = fed.submit(write_app(tmp_path / "app", config))
 
     fed.wait_for_log(victim, "Receiving: train message", timeout=RUN_TIMEOUT)
@@ -193,6 +235,9 @@ def test_a_supernode_killed_mid_round_is_left_out_and_the_run_finishes(tmp_path,
     assert f"client {ids[victim_client]} left out" in fed.logs(run_id)
     state = load_checkpoint(config.run_dir)
     assert state.round == 2 and all(torch.isfinite(f.b).all() for f in state.global_adapter.values())
+    assert set(_resident_tasks(spare)) == {str(restarted)}  # the restarted resident served the spare node's messages
+    victim.popen.wait(timeout=10)  # this test's own child: reaped here, not a zombie
+    assert _zombies(fed) == []  # the killed resident was reaped by its supervisor
 
 
 def test_flower_sim_engine_runs_the_quickstart_config_with_the_simulator_metrics_format(tmp_path):

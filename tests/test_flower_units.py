@@ -122,6 +122,27 @@ def test_the_flower_app_carries_the_resolved_config(tmp_path):
         config_from_run_config({})
 
 
+def test_the_resident_clientapp_recognises_flexfeds_app_in_a_fab(tmp_path):
+    """The resident serves a task only if the run's FAB names flexfed's ClientApp (read from the FAB
+    Flower builds from the app ``flexfed flower app`` writes); any other app is refused."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supercore.fab import Fab
+
+    from flexfed.engines.flower import deploy, resident
+    from flexfed.engines.flower.project import CLIENTAPP, write_app
+
+    config = load_config("tiny", [f"output_dir={tmp_path}"])
+    app_dir = write_app(tmp_path / "app", config)
+    assert resident.clientapp_of(Fab("", build_fab_from_disk(app_dir), {})) == CLIENTAPP
+    other = app_dir / "pyproject.toml"
+    other.write_text(other.read_text().replace(f'clientapp = "{CLIENTAPP}"', 'clientapp = "someone.else:app"'))
+    assert resident.clientapp_of(Fab("", build_fab_from_disk(app_dir), {})) == "someone.else:app"
+    with pytest.raises(ValueError, match="isolation"):
+        deploy.run_supernode("127.0.0.1:1", 'clients="a"', isolation="thread")
+    cmd = deploy.resident_command(9094, tmp_path / "s", 1234)
+    assert cmd[1:3] == ["-m", "flexfed.engines.flower.resident"] and "127.0.0.1:9094" in cmd
+
+
 def test_development_certificates_chain_and_keys_load(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -295,7 +316,10 @@ def test_a_deployment_counts_only_bytes_a_reply_confirms_names_dead_nodes_and_wr
     assert (config.run_dir / "report" / "summary.md").exists()
     for c in rounds[0]["clients"] + rounds[1]["clients"]:  # the scripted nodes train when pulled: inside the round trip
         assert c["time_roundtrip_s"] >= c["seconds"] and c["time_outside_client_s"] == pytest.approx(c["time_roundtrip_s"] - c["seconds"])
-    assert "outside compute" in (config.run_dir / "report" / "summary.md").read_text()
+        # the ClientApp's handler (its training inside) and the rest, Flower's part
+        assert c["seconds"] <= c["time_clientapp_s"] <= c["time_roundtrip_s"] and c["time_flower_s"] == pytest.approx(c["time_roundtrip_s"] - c["time_clientapp_s"])
+    summary = (config.run_dir / "report" / "summary.md").read_text()
+    assert "outside compute" in summary and "ClientApp handler" in summary
 
 
 class Absent:

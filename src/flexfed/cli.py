@@ -210,7 +210,8 @@ def _flower_supernode(args) -> int:
     node_config = " ".join(x for x in (node_config, args.node_config) if x)
     if args.insecure == bool(args.root_certificates):
         raise SystemExit("pass --root-certificates CA (TLS) or --insecure")
-    return run_supernode(args.superlink, node_config, port=args.port, root_certificates=args.root_certificates, auth_key=args.auth_key)
+    return run_supernode(args.superlink, node_config, port=args.port, root_certificates=args.root_certificates, auth_key=args.auth_key,
+                         isolation=args.isolation)
 
 
 def _flower_connect(args) -> int:
@@ -251,7 +252,7 @@ def _add_flower_parser(sub) -> None:
     link.add_argument("--insecure", action="store_true", help="no TLS (loopback experiments only)")
     link.set_defaults(func=_flower_superlink)
 
-    node = fsub.add_parser("supernode", help="start a SuperNode with a trainer worker that keeps the model loaded")
+    node = fsub.add_parser("supernode", help="start a SuperNode with a resident ClientApp process that keeps the model loaded")
     node.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     node.add_argument("--partition", metavar="P/N", help="host every client whose index is P modulo N")
     node.add_argument("--clients", metavar="ID,...", help="host exactly these client ids")
@@ -260,6 +261,9 @@ def _add_flower_parser(sub) -> None:
     node.add_argument("--auth-key", help="this node's private authentication key (supernode-K.key)")
     node.add_argument("--insecure", action="store_true", help="no TLS (loopback experiments only)")
     node.add_argument("--port", type=int, default=9094, help="the SuperNode's local runtime API port")
+    node.add_argument("--isolation", choices=("process", "subprocess"), default="process",
+                      help="process (default): one resident ClientApp process serves every message; subprocess: Flower starts a "
+                           "ClientApp process per message, relaying to a trainer worker (for nodes that also run other Flower apps)")
     node.set_defaults(func=_flower_supernode)
 
     conn = fsub.add_parser("connect", help="add a SuperLink connection to Flower's config.toml for `flwr run`")

@@ -137,6 +137,9 @@ def summarize(run_dir: str | Path, name: str | None = None) -> dict:
     s["client_roundtrip_s_median"] = statistics.median(c["time_roundtrip_s"] for c in trips) if trips else None
     s["client_outside_s_median"] = statistics.median(c["time_outside_client_s"] for c in trips) if trips else None
     s["client_compute_s_median"] = statistics.median(c["seconds"] for c in trips) if trips else None
+    apps = [c for c in trips if c.get("time_clientapp_s") is not None]  # recorded since the resident ClientApp
+    s["client_clientapp_s_median"] = statistics.median(c["time_clientapp_s"] for c in apps) if apps else None
+    s["client_flower_s_median"] = statistics.median(c["time_flower_s"] for c in apps) if apps else None
     # privacy: ε(δ) spent by the last recorded round (None: no privacy, or σ = 0)
     s["epsilon"] = finite_or_none(rows[-1].get("epsilon"))
     s["privacy"] = {k: _get(cfg, f"privacy.{k}") for k in ("clip_norm", "noise_multiplier", "delta", "accountant")}
@@ -361,10 +364,13 @@ def _markdown(sums: list[dict], plots: list[str]) -> str:
     flower = [s for s in sums if s.get("client_roundtrip_s_median") is not None]
     if flower:
         out += ["", "On Flower, per client and round (medians): the round trip of its messages (push to reply), its own "
-                "training time on the node, and the rest: transport, queueing and Flower's per-message work (a new "
-                "ClientApp process per message in Flower 1.41).", ""]
-        out.append(table(["run", "round trip", "client compute", "outside compute"], [
-            [s["run"], *(human_seconds(s[k]) for k in ("client_roundtrip_s_median", "client_compute_s_median", "client_outside_s_median"))]
+                "training time on the node, the rest (outside compute), and the round trip split the other way: the "
+                "ClientApp's handler on the node (training, decoding, encoding, any relay) and Flower's part (transport, "
+                "the SuperNode's and ServerApp's polling, task dispatch, a ClientApp process start per message in "
+                "subprocess isolation).", ""]
+        out.append(table(["run", "round trip", "client compute", "outside compute", "ClientApp handler", "Flower"], [
+            [s["run"], *(human_seconds(s[k]) for k in ("client_roundtrip_s_median", "client_compute_s_median", "client_outside_s_median")),
+             *("–" if s.get(k) is None else human_seconds(s[k]) for k in ("client_clientapp_s_median", "client_flower_s_median"))]
             for s in flower]))
     private = [s for s in sums if (s.get("privacy") or {}).get("clip_norm") is not None]
     if private:

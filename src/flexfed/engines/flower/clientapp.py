@@ -16,11 +16,14 @@ Every train message carries the run's resolved config (YAML), so a node needs no
 flexfed and, for file-based data, ``data.path`` (or ``data-path`` in its node config). The
 model, tokenizer and federation are built once per process and config.
 
-Where the training happens: with ``trainer-socket=PATH`` in the node config (what ``flexfed
-flower supernode`` sets) the ClientApp relays the arrays to that node's long-lived trainer
-worker (``worker.py``) and never imports PyTorch; otherwise it serves the message in its own
-process (``node.py``), which suits Flower's simulation engine (a Ray actor keeps its process, and
-so its model, between messages) but costs a model load per message on a plain ``flower-supernode``.
+Where the training happens: in the process that calls the ClientApp (``node.handle``), which
+suits every process that lives longer than one message: the resident ClientApp that ``flexfed
+flower supernode`` runs next to ``flower-supernode --isolation process`` (``resident.py``), and
+Flower's simulation engine (a Ray actor keeps its process, and so its model, between messages).
+With ``trainer-socket=PATH`` in the node config (``flexfed flower supernode --isolation
+subprocess``) the ClientApp, then a fresh ``flwr-clientapp`` process per message, relays the
+arrays to that node's long-lived trainer worker (``worker.py``) and never imports PyTorch. On a
+plain ``flower-supernode`` it trains in its own short-lived process: a model load per message.
 
 Optional node config: ``data-path`` (overrides ``data.path``), ``device`` (overrides
 ``device``, e.g. ``cuda:1``).
@@ -29,6 +32,7 @@ Optional node config: ``data-path`` (overrides ``data.path``), ``device`` (overr
 from __future__ import annotations
 
 import logging
+import time
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 CONFIG = "flexfed"  # ConfigRecord: run config, client, seed, and the protocol's message metadata
 ADAPTER = "adapter"  # ArrayRecord: the message's tensors (LoRA factors, B alone, Fed-SB's core, ...)
 RESULT = "result"  # ConfigRecord of a reply: the reply's metadata (client, training statistics), its dtype
+APP_SECONDS = "clientapp_seconds"  # in RESULT: seconds the train handler took on the node
 
 
 # ----------------------------------------------------------------------------- the ClientApp
@@ -58,6 +63,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    began = time.perf_counter()
     from flexfed.engines.flower import wire
 
     cfg = msg.content.config_records[CONFIG]
@@ -75,4 +81,7 @@ def train(msg: Message, context: Context) -> Message:
 
         stats, arrays = handle(header["config"], node_config, header["client"], header["seed"], wire.from_record(msg.content.array_records[ADAPTER]), meta)
         record = wire.to_record(arrays)
+    # The handler's own time on the node (training, decoding, encoding, any relay): the ServerApp
+    # books the rest of the round trip to Flower (transport, polling, task dispatch).
+    stats = {**stats, APP_SECONDS: time.perf_counter() - began}
     return Message(RecordDict({ADAPTER: record, RESULT: ConfigRecord(stats)}), reply_to=msg)

@@ -332,12 +332,14 @@ class LocalFederation:
         if failures:
             raise RuntimeError("flwr supernode register failed:\n" + "\n".join(failures))
 
-    def start_supernode(self, name: str, node_config: str, auth_key: str | Path | None = None, worker: bool = True) -> LocalProcess:
-        """A SuperNode; with ``worker`` (the default) through ``flexfed flower supernode``, which keeps a trainer loaded."""
+    def start_supernode(self, name: str, node_config: str, auth_key: str | Path | None = None, worker: bool = True, isolation: str = "process") -> LocalProcess:
+        """A SuperNode; with ``worker`` (the default) through ``flexfed flower supernode``, which keeps a
+        trainer loaded (its ``--isolation``: ``run_supernode``); without, a plain ``flower-supernode``."""
         ca = self.certs / "ca.crt" if self.certs else None
         port = free_port()
         if worker:
-            cmd = [sys.executable, "-m", "flexfed.cli", "flower", "supernode", "--superlink", self.address, "--node-config", node_config, "--port", str(port)]
+            cmd = [sys.executable, "-m", "flexfed.cli", "flower", "supernode", "--superlink", self.address, "--node-config", node_config, "--port", str(port),
+                   "--isolation", isolation]
             cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
             if auth_key is not None:
                 cmd += ["--auth-key", str(auth_key)]
@@ -411,12 +413,109 @@ class LocalFederation:
 # ----------------------------------------------------------------------------- flexfed flower supernode
 
 
-def run_supernode(superlink: str, node_config: str, port: int = 9094, root_certificates: str | Path | None = None, auth_key: str | Path | None = None) -> int:
-    """Run a node's trainer worker and ``flower-supernode`` (as a child) until either ends.
+ISOLATIONS = ("process", "subprocess")
 
-    The worker keeps the model loaded across messages; the SuperNode's ClientApp processes
-    reach it through ``trainer-socket`` in the node config. SIGTERM/SIGINT stop both.
+
+def run_supernode(superlink: str, node_config: str, port: int = 9094, root_certificates: str | Path | None = None, auth_key: str | Path | None = None,
+                  isolation: str = "process") -> int:
+    """Run ``flower-supernode`` (as a child) with a long-lived process that trains, until the SuperNode ends.
+
+    ``isolation="process"`` (the default): ``flower-supernode --isolation process`` starts no
+    ClientApp processes; a resident ClientApp (``resident.py``, a second child) claims its
+    messages from its Runtime API and serves them one after another with the model kept loaded.
+    It is restarted if it dies. ``isolation="subprocess"``: Flower's own executor starts a
+    ``flwr-clientapp`` process per message, which relays the arrays to a trainer worker in this
+    process (``worker.py``); needed only on a node that must also run other Flower apps than
+    flexfed's (the resident serves only flexfed's ClientApp). SIGTERM/SIGINT stop everything.
     """
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, not {isolation!r}")
+    if isolation == "subprocess":
+        return _run_supernode_with_worker(superlink, node_config, port, root_certificates, auth_key)
+    return _run_supernode_with_resident(superlink, node_config, port, root_certificates, auth_key)
+
+
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # waits before restarting a resident that keeps dying
+STABLE_S = 60.0  # a resident that lived this long died by accident, not at start-up: restart at once
+
+
+def resident_command(port: int, secret: str | Path, parent_pid: int) -> list[str]:
+    return [sys.executable, "-m", "flexfed.engines.flower.resident", "--runtime-api-address", f"127.0.0.1:{port}",
+            "--auth-secret-file", str(secret), "--parent-pid", str(parent_pid)]
+
+
+def _stop_child(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _run_supernode_with_resident(superlink: str, node_config: str, port: int, root_certificates, auth_key) -> int:
+    import logging
+    import secrets
+    import shutil
+    import tempfile
+
+    log = logging.getLogger(__name__)
+    # The secret signs the resident's claims on the Runtime API (flower-supernode
+    # --superexec-auth-secret-file): no other local process can take this node's messages.
+    directory = Path(tempfile.mkdtemp(prefix="flexfed-node-"))  # mode 0700
+    secret = directory / "superexec.secret"
+    secret.write_bytes(secrets.token_bytes(32))
+    secret.chmod(0o600)
+    cmd = supernode_command(superlink, node_config, port=port, root_certificates=root_certificates, auth_key=auth_key)
+    cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+    child = subprocess.Popen(cmd, env=flower_env(), preexec_fn=reap_children)
+    stopping = False
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def start_resident() -> subprocess.Popen:
+        # The same process group as this one: stopping the group (the tests, a service manager) stops it too.
+        proc = subprocess.Popen(resident_command(port, secret, os.getpid()), env=flower_env())
+        log.info("resident ClientApp %d serves SuperNode %d (Runtime API 127.0.0.1:%d)", proc.pid, child.pid, port)
+        return proc
+
+    resident = None
+    try:
+        resident, started, deaths = start_resident(), time.monotonic(), 0
+        while child.poll() is None:
+            if resident.poll() is not None and not stopping:
+                lived = time.monotonic() - started
+                deaths = 0 if lived > STABLE_S else deaths + 1
+                wait = 0.0 if deaths == 0 else RESTART_BACKOFF_S[min(deaths, len(RESTART_BACKOFF_S)) - 1]
+                log.warning("resident ClientApp %d exited with %s after %.0f s; restarting it in %.0f s (a message it was serving fails)",
+                            resident.pid, resident.returncode, lived, wait)
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline and child.poll() is None and not stopping:
+                    time.sleep(0.2)
+                if child.poll() is None and not stopping:
+                    resident, started = start_resident(), time.monotonic()
+            time.sleep(0.2)
+        code = child.returncode
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _stop_child(child)
+        if resident is not None:
+            _stop_child(resident)
+        shutil.rmtree(directory, ignore_errors=True)
+    return code
+
+
+def _run_supernode_with_worker(superlink: str, node_config: str, port: int, root_certificates, auth_key) -> int:
+    """A trainer worker in this process and ``flower-supernode`` (Flower's own executor) as a child;
+    the ClientApp processes reach the worker through ``trainer-socket`` in the node config."""
     import logging
     import threading
 

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flexfed import config as config_lib
 from flexfed.config import RunConfig
-from flexfed.engines.flower.clientapp import ADAPTER, CONFIG, RESULT
+from flexfed.engines.flower.clientapp import ADAPTER, APP_SECONDS, CONFIG, RESULT
 from flexfed.engines.flower.wire import array_bytes, decode_payload, encode_payload, from_record, message_bytes, to_record
 from flexfed.protocol import Message as ProtocolMessage
 from flexfed.protocol import Unconfirmed, converse
@@ -141,7 +141,7 @@ class FlowerExecutor(Executor):
     shares_base = False  # a node keeps no server state between messages
     # What it adds to a client's record in metrics.jsonl (``annotate``; docs/flower.md)
     record_fields = frozenset({"node", "array_bytes_down", "array_bytes_up", "wire_bytes_down", "wire_bytes_up", "wire_bytes_down_unconfirmed",
-                               "time_roundtrip_s", "time_outside_client_s"})
+                               "time_roundtrip_s", "time_outside_client_s", "time_clientapp_s", "time_flower_s"})
 
     def __init__(self, grid: Grid):
         self.grid = grid
@@ -269,12 +269,14 @@ class FlowerExecutor(Executor):
             if str(stats["client"]) != client_id:
                 raise UpdateRejected(f"reply is for client {stats['client']}, expected {client_id}")
             payload = decode_payload(from_record(reply.content.array_records[ADAPTER]), str(stats.pop("dtype")), stats.pop("dtypes", None))
+            app_seconds = float(stats.pop(APP_SECONDS, 0.0))
         except UpdateRejected:
             raise
         except (KeyError, TypeError, ValueError) as err:
             raise UpdateRejected(f"client {client_id}: malformed reply from node {self.host[c]}: {type(err).__name__}: {err}") from None
         self._wire[client_id]["wire_bytes_up"] += message_bytes(reply)
         self._wire[client_id]["array_bytes_up"] += array_bytes(payload)
+        self._wire[client_id]["time_clientapp_s"] = self._wire[client_id].get("time_clientapp_s", 0.0) + app_seconds
         return ProtocolMessage(payload, stats)
 
     def _deliver(self, round_: int, wave: dict[int, ProtocolMessage], on_reply) -> dict:
@@ -325,8 +327,11 @@ class FlowerExecutor(Executor):
             r.update(self._wire.get(r["id"], {}))
             if "time_roundtrip_s" in r:  # what the client's messages cost beyond its own compute
                 r["time_outside_client_s"] = max(0.0, r["time_roundtrip_s"] - r["seconds"])
+                # ... split: the ClientApp's handler on the node (compute + decoding/encoding/relay) and Flower's
+                # part (transport, the SuperNode's and the ServerApp's polling, task dispatch, any process start)
+                r["time_flower_s"] = max(0.0, r["time_roundtrip_s"] - r.get("time_clientapp_s", 0.0))
         for r in record["clients_failed"]:
-            r.update({k: v for k, v in self._wire.get(r["id"], {}).items() if not k.endswith("_up")})
+            r.update({k: v for k, v in self._wire.get(r["id"], {}).items() if not k.endswith("_up") and k != "time_clientapp_s"})
         record["wire_bytes_up"] = sum(r.get("wire_bytes_up", 0) for r in record["clients"])
         record["wire_bytes_down"] = sum(r.get("wire_bytes_down", 0) for r in everyone)
 
