@@ -76,13 +76,7 @@ def main(argv=None) -> None:
             for k in range(args.nodes):
                 fed.start_supernode(f"node{k}", node_config_string(partition=(k, args.nodes)), isolation=mode)
             began = time.perf_counter()
-            run_id = fed.submit(write_app(where / "app", flower_config))
-            # Watch the run directory, not `flwr ls` every second: each `flwr` call is a Python start
-            # with Flower's imports, CPU that the run being measured would lose on a small machine.
-            summary, deadline = flower_config.run_dir / "report" / "summary.md", time.monotonic() + args.timeout
-            while not summary.exists() and time.monotonic() < deadline and fed.processes[0].alive():
-                time.sleep(0.5)
-            status = fed.wait_for_run(run_id, timeout=60)
+            status = fed.run_to_end(write_app(where / "app", flower_config), flower_config.run_dir, args.timeout)
             flower_wall = time.perf_counter() - began
         finally:
             fed.stop()

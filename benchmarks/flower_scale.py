@@ -162,12 +162,7 @@ def main(argv=None) -> None:
 
                 began = time.perf_counter()
                 with Sampler(groups) as sampler:
-                    run_id = fed.submit(write_app(tmp / "app", config))
-                    # Watch the run directory rather than call `flwr ls` every second (a Python start each).
-                    summary, deadline = config.run_dir / "report" / "summary.md", time.monotonic() + args.timeout
-                    while not summary.exists() and time.monotonic() < deadline and link.alive():
-                        time.sleep(0.5)
-                    status = fed.wait_for_run(run_id, timeout=60)
+                    status = fed.run_to_end(write_app(tmp / "app", config), config.run_dir, args.timeout)
                 wall = time.perf_counter() - began
             finally:
                 fed.stop()

@@ -22,6 +22,7 @@ EVERY_FAMILY = {
     "kd-labels": {"federation.method": "kd", "kd.encoding": "labels", "kd.labels": [" yes", " no", "A"]},
     "split-l1": {"federation.method": "split", "split.cut_layer": 1},
     "split-l2-u": {"federation.method": "split", "split.cut_layer": 2, "split.tail_layers": 1},
+    "split-prompt": {"federation.method": "split", "split.cut_layer": 1, "split.client_adapter": "prompt", "split.prompt_tokens": 4},
     "fedkseed": {"federation.method": "fedkseed", "training.batch_size": 1},
     "fedkseed-pro": {"federation.method": "fedkseed-pro", "training.batch_size": 1},
 }

@@ -307,7 +307,10 @@ def build_comparison(comparison: Comparison, specs: list[RunSpec]) -> dict:
         except ValueError as err:
             log.warning("scaling view: %s: %s", name, err)
             continue
-        big = [shape] + [shapes.setdefault(n, formulas.meta_shape(n, s)) for n, s in formulas.SCALES.items()]
+        for n, scale in formulas.SCALES.items():
+            if n not in shapes:  # built once: a 7B model on the meta device still takes a moment
+                shapes[n] = formulas.meta_shape(n, scale)
+        big = [shape] + [shapes[n] for n in formulas.SCALES]
         measured = {"bytes_up": typical.get("bytes_up"), "bytes_down": typical.get("bytes_down"), "client_flops": typical.get("flops"),
                     "client_memory": typical.get("peak_memory_bytes")}
         scaling.append({"setting": name, "family": row["family"], "measured": measured, "rows": formulas.scale_rows(config, big, typical_row, typical)})

@@ -21,6 +21,7 @@ float32; w = the split wire's element size)::
     Split, cut after l blocks        up = SBT (h w + 1 + 8) + client adapter  (activations, mask, labels)
                                      down = SBT h w + client adapter          (their gradients)
     Split, U-shape                   up = SBT (2 h w + 1) + adapter; down = 2 SBT h w + adapter
+    Split, soft prompt (SFPrompt)    the adapter is the prompt, n h b each way; SBT counts its n positions
     FedKSeed (K seeds, tau steps)    up = 2 b tau (seed index and scalar); down = K b per missed round
                                      (+ K b probabilities for FedKSeed-Pro)
 
@@ -163,7 +164,10 @@ def client_bytes(config, shape: ModelShape, round_row: Mapping, client: Mapping)
         responses = round_row["kd_prompts"] * config.kd.proxy.max_new_tokens * FLOAT
         return kd_up(config, shape.vocab, round_row["kd_positions"]), adapter + responses
     if method == "split":
-        adapter = adapter_bytes(shape.modules(targets, client_layers(config, shape)), ranks)
+        if config.split.client_adapter == "prompt":  # SFPrompt: n soft-prompt vectors instead of client LoRA
+            adapter = config.split.prompt_tokens * shape.hidden * FLOAT
+        else:
+            adapter = adapter_bytes(shape.modules(targets, client_layers(config, shape)), ranks)
         tokens, w, h = client["tokens_padded"], wire_bytes(config), shape.hidden
         if config.split.tail_layers:
             return tokens * (2 * h * w + MASK) + adapter, tokens * 2 * h * w + adapter

@@ -385,6 +385,17 @@ class LocalFederation:
             time.sleep(1.0)
         raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f} s")
 
+    def run_to_end(self, app_dir: str | Path, run_dir: Path, timeout: float) -> dict:
+        """Submit the app and wait until its run directory holds the report (or the SuperLink dies,
+        or ``timeout``), then take the run's final status. It watches the directory rather than
+        call `flwr ls` every second: each `flwr` call is a Python start with Flower's imports, CPU
+        that the run being measured would lose on a small machine."""
+        run_id = self.submit(app_dir)
+        summary, deadline = Path(run_dir) / "report" / "summary.md", time.monotonic() + timeout
+        while not summary.exists() and time.monotonic() < deadline and self.processes[0].alive():
+            time.sleep(0.5)
+        return self.wait_for_run(run_id, timeout=60)
+
     def logs(self, run_id: int) -> str:
         res = self.flwr("log", str(run_id), self.connection, "--show")
         return res.stdout + res.stderr
