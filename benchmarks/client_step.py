@@ -8,7 +8,9 @@ or the built-in suite when that is absent), in one process:
            their longest example, ``model(**batch, labels=labels).loss`` (logits over the whole
            vocabulary at every position), fp32.
   flexfed  ``LocalTrainer.train``: logits only where there is a label, length-bucketed batches,
-           bf16 autocast where the CPU has native bf16 (``precision: auto``), one PEFT wrap.
+           one PEFT wrap, and ``--precision`` (default ``auto``: where bf16 GEMMs are measured
+           native, the frozen base in bf16 with LoRA, optimizer and loss in fp32, fp32 attention
+           and batch widths padded to 16; see ``flexfed.precision``). Only real tokens count.
 
 The timed runs alternate (plain, flexfed, plain, flexfed, ...) after an untimed warm-up, so both
 see the same machine state; the median over repetitions is reported. Tokens are real
@@ -20,7 +22,8 @@ per labelled token 4 d V for the output projection; both sides are divided by th
 work the plain loop wastes on padding and prompt logits does not count as useful. The GEMM peak
 is measured here, on matrices of a training step's shape.
 
-Agreement: (1) on one identical batch, the two losses agree to float32 round-off; (2) after
+Agreement: (1) on one identical batch, the two losses agree to float32 round-off (to bf16 rounding on the
+bf16 path); (2) after
 training, both adapters' losses on the same held-out batches agree within ``--tolerance``
 (relative); the batch order differs between the two, so the trajectories differ by SGD noise
 only. The last line is ``client_step ratio X`` (flexfed tokens/s over plain tokens/s).
@@ -38,11 +41,12 @@ from pathlib import Path
 
 import torch
 
-from flexfed.client import LocalTrainer, autocast_dtype, collate, response_loss
+from flexfed.client import LocalTrainer, collate, response_loss
 from flexfed.config import LoraConfig, TrainingConfig
 from flexfed.data import encode_for_training, load_tasks
 from flexfed.lora import get_adapter, init_adapter, peft_config, set_adapter, target_shapes
 from flexfed.models import load_model, load_tokenizer
+from flexfed.precision import bf16_gemm_speedup
 
 P3 = Path(os.environ.get("FLEXFED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "p3-tasks"
 
@@ -146,6 +150,7 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=0.03, help="relative held-out loss agreement")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "autocast"], help="flexfed's training.precision")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,7 +160,7 @@ def main() -> None:
     examples, source = real_examples(tokenizer, n_train + 32, args.max_prompt, args.max_response, args.seed)
     train, held = examples[:n_train], examples[n_train:]
     lora = LoraConfig(rank=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    training = TrainingConfig(lr=1e-3, batch_size=args.batch_size, local_steps=args.steps, precision="auto")
+    training = TrainingConfig(lr=1e-3, batch_size=args.batch_size, local_steps=args.steps, precision=args.precision)
 
     flex_model = load_model(args.model, seed=args.seed)
     plain_model = load_model(args.model, seed=args.seed)
@@ -164,13 +169,14 @@ def main() -> None:
     start = init_adapter(shapes, ranks, lora.alpha, lora.rslora, seed=args.seed)
     trainer = LocalTrainer(flex_model, lora, training, tokenizer.pad_token_id)
     plain = PlainLoop(plain_model, lora, ranks, training.lr, tokenizer.pad_token_id)
-    precision = autocast_dtype("auto", torch.device("cpu"))
+    precision = trainer.precision != "fp32"
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"data: {source}; {n_train} training examples, batch {args.batch_size}, {args.steps} steps, "
           f"prompt <= {args.max_prompt}, response <= {args.max_response} tokens")
-    print(f"flexfed precision: {'bf16 autocast' if precision else 'fp32 (no native bf16 on this CPU)'}")
+    print(f"flexfed precision: {args.precision} -> {trainer.precision}; bf16 GEMMs {bf16_gemm_speedup(torch.get_num_threads()):.1f}x fp32 here"
+          + ("" if precision else " (bf16 not native on this CPU)"))
 
     # (1) one identical batch through both loss functions
     batch = collate(train[: args.batch_size], tokenizer.pad_token_id)

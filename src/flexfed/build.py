@@ -32,7 +32,7 @@ class Setup:
         c = self.config
         model = load_model(c.model.name, dtype=getattr(torch, c.model.dtype), seed=c.seed)
         self.shapes = target_shapes(model, c.lora.target_modules)  # adapted module -> (d_out, d_in)
-        return LocalTrainer(model, c.lora, c.training, self.tokenizer.pad_token_id, self.device, c.privacy.local)
+        return LocalTrainer(model, c.lora, c.training, self.tokenizer.pad_token_id, self.device, c.privacy.local, c.federation.writes_base)
 
     @property
     def model(self):

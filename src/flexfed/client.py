@@ -14,6 +14,7 @@ global update merged in (``set_base_update``).
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -31,6 +32,9 @@ from flexfed.cost import Architecture, StepCost
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
 from flexfed.lora import Adapter, Factors, get_adapter, lora_modules, lora_scale, peft_config, set_adapter
+from flexfed.precision import PAD_MULTIPLE, padded_width, resolve, use_bf16_weights
+
+log = logging.getLogger(__name__)
 
 Loss = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]  # (model, batch) -> the loss to minimise
 
@@ -64,23 +68,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return "AVX512" in torch.backends.cpu.get_cpu_capability() and torch.cpu._is_avx512_bf16_supported()
-    return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and bf16_supported(device)):
-        return torch.bfloat16
-    return None
-
-
-def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; padding carries no loss and no attention."""
-    width = max(len(e.input_ids) for e in examples)
+def collate(examples: Sequence[EncodedExample], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded batch, its width rounded up to a ``multiple``; padding carries no loss and no attention."""
+    width = padded_width(max(len(e.input_ids) for e in examples), multiple)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -181,14 +171,18 @@ class LocalTrainer:
     """Trains client adapters on one shared PEFT-wrapped base model."""
 
     def __init__(self, base_model, lora: LoraConfig, training: TrainingConfig, pad_id: int, device: str | torch.device = "cpu",
-                 local_dp: LocalDPConfig | None = None):
+                 local_dp: LocalDPConfig | None = None, writes_base: bool = False):
+        """``writes_base``: the method writes into the base weights, which keeps them float32
+        (``flexfed.precision``)."""
         self.device = torch.device(device)
         self.local_dp = local_dp if local_dp is not None and local_dp.enabled else None
         self.base_model = base_model.to(self.device)
         self.lora = lora
         self.training = training
         self.pad_id = pad_id
-        self.autocast = autocast_dtype(training.precision, self.device)
+        self.precision = resolve(training.precision, self.device, writes_base)  # fp32, bf16 or autocast
+        self.autocast = torch.bfloat16 if self.precision == "autocast" else None
+        self.pad_multiple = PAD_MULTIPLE if self.precision == "bf16" else 1
         self.peft_model = None
         self._slots: dict[tuple, str] = {}
         self._base_weights: dict[str, torch.Tensor] | None = None  # W0 of merged modules (FLoRA)
@@ -196,6 +190,9 @@ class LocalTrainer:
             self.arch = Architecture.of(self.base_model, training, self.autocast is not None)
         except (AttributeError, ValueError):  # not a decoder-only LM the formulas know: no cost figures
             self.arch = None
+        if self.precision == "bf16":
+            use_bf16_weights(self.base_model)
+        log.info("training precision %s: %s on %s", training.precision, self.precision, self.device)
 
     def _slot(self, ranks: Mapping[str, int]) -> str:
         """The adapter slot for this rank layout, created on first use."""
@@ -256,9 +253,13 @@ class LocalTrainer:
         generated token (210 with SmolLM2 and 7 target projections): 9% of the decoding time on
         an idle CPU, 3x on one shared with other jobs (``benchmarks/evaluation.py``). The base
         weight tensors are swapped, not updated in place, and put back untouched, so training
-        afterwards sees bit-identical weights.
+        afterwards sees bit-identical weights. A bfloat16 base is not merged into: rounding
+        W + s B A to bfloat16 would erase most of a small update, so the adapter stays a branch.
         """
         self.activate(adapter)
+        if self.base_model.dtype not in (torch.float32, torch.float64):
+            yield self.peft_model
+            return
         layers = lora_modules(self.peft_model)
         originals: dict[str, torch.Tensor] = {}
         try:
@@ -384,7 +385,7 @@ class LocalTrainer:
             cost.reset_peak()
         model.train()
         for indices in batch_schedule(lengths, t.batch_size, local_steps(t, len(examples)), seed):
-            batch = collate([examples[i] for i in indices], self.pad_id)
+            batch = collate([examples[i] for i in indices], self.pad_id, self.pad_multiple)
             batch = {k: v.to(self.device) for k, v in {**batch, "rows": torch.tensor(indices)}.items()}
             counter = cost.flop_counter() if cost else None
             with counter or nullcontext():

@@ -112,7 +112,9 @@ class TrainingConfig(_Section):
     local_steps: int | None = Field(8, ge=1)
     local_epochs: float | None = Field(None, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the hardware has it
+    # bf16: frozen base weights stored in bfloat16, LoRA factors, optimizer and loss in float32;
+    # autocast: float32 weights under bf16 autocast; auto: bf16 where measured native (flexfed.precision)
+    precision: Literal["auto", "fp32", "bf16", "autocast"] = "auto"
     # Sampled clients trained together in one forward/backward pass, each with its own adapter
     # and optimizer (same results as one at a time). auto: 1 on a CPU, where one client's batch
     # already fills the cores; 8 on a GPU, where it does not.
@@ -147,6 +149,12 @@ class FederationConfig(_Section):
     # Where the server's aggregation math runs: cpu, or an accelerator (auto: the run's device).
     # FlexLoRA's SVDs are ~10 s a round on 2 CPU cores at SmolLM2's shapes, milliseconds on a GPU.
     server_device: str = "cpu"
+
+    @property
+    def writes_base(self) -> bool:
+        """The method writes into the clients' base weights (FLoRA's merges, SLoRA's sparse stage,
+        FedKSeed's perturbations), so they stay float32 (``flexfed.precision``)."""
+        return self.method in ("flora", "fedkseed", "fedkseed-pro") or self.sparse_stage.rounds > 0
 
     @model_validator(mode="after")
     def _lora_rounds_left(self):

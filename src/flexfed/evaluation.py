@@ -1,13 +1,16 @@
 """Evaluation: batched greedy generation scored with Rouge-L (as Natural Instructions does), and loss.
 
-Evaluation runs in the model's own dtype: on CPU, bf16 autocast makes token-by-token decoding
-about 5x slower (measured on SmolLM2-135M: 19 s vs 4 s for 16 prompts x 24 tokens), because
-each step's matrices are too small to repay the casts.
+Evaluation runs in the model's own dtype, never under autocast: on CPU, bf16 autocast made
+token-by-token decoding about 5x slower (SmolLM2-135M: 19 s vs 4 s for 16 prompts x 24 tokens),
+because each step's matrices are too small to repay the casts. A bfloat16 model (``training.
+precision: bf16``) decodes in bfloat16; greedy completions then differ from float32 ones where
+rounding flips a near-tie (``benchmarks/generation.py`` counts them).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -54,6 +57,23 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
+@contextmanager
+def _contiguous_head_input(model):
+    """Generation slices the prompt's last position before the output head; on a bfloat16 head
+    PyTorch then multiplies the strided slice by expanding the whole head once per row (a
+    49152 x 576 copy per prompt, 1 s of a 3.6 s batch of 16 on a Xeon). A contiguous input
+    takes the plain GEMM; the numbers are the same."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """Greedy completions' token ids, batched by similar length with left padding and the KV
@@ -72,14 +92,15 @@ def generate_ids(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tok
             n = len(prompts[i])
             ids[row, width - n :] = torch.tensor(prompts[i])
             mask[row, width - n :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=sorted(stops),
-        )
+        with _contiguous_head_input(model):
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=sorted(stops),
+            )
         for row, i in enumerate(idx):
             ids = gen[row, width:].tolist()
             end = next((j + 1 for j, t in enumerate(ids) if t in stops), len(ids))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Mapping, Sequence
 
@@ -260,18 +260,20 @@ class TrainingMemory:
         """The estimate for a run's training and data settings; precision ``auto`` is resolved for ``device``."""
         import torch
 
-        from flexfed.client import autocast_dtype
+        from flexfed.precision import resolve
 
         t = config.training
-        return cls.from_model(
+        precision = resolve(t.precision, torch.device(device), config.federation.writes_base)
+        memory = cls.from_model(
             model,
             shapes,
             batch_size=t.batch_size,
             max_tokens=config.data.max_tokens,
             response_tokens=config.data.max_response_tokens,
-            autocast=autocast_dtype(t.precision, torch.device(device)) is not None and model.dtype == torch.float32,
+            autocast=precision == "autocast" and model.dtype == torch.float32,
             optimizer_states=2 if t.optimizer == "adamw" else int(t.momentum > 0),  # SGD keeps a buffer only with momentum
         )
+        return replace(memory, weight_bytes=2) if precision == "bf16" else memory  # the trainer stores the base in bf16
 
     def estimate(self, ranks: Mapping[str, int]) -> MemoryEstimate:
         """Peak bytes for a client training the LoRA ``ranks`` (adapted module -> rank)."""
