@@ -184,11 +184,20 @@ class Aggregator(ABC):
     trainable: ClassVar[tuple[str, ...]] = ("a", "b")
     merges_into_base: ClassVar[bool] = False
     mixed_ranks: ClassVar[bool] = True
+    # Under secure aggregation (``aggregation.secure``): "payload" when ``aggregate`` of the
+    # payloads' weighted mean, as one update of weight 1, is the round's aggregate; "dense" when
+    # only the mean of the dense s B A serves (``aggregate_dense``); None: refused.
+    secure_mean: ClassVar[Literal["payload", "dense"] | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
             Aggregator.registry[cls.name] = cls
+
+    def aggregate_dense(self, dense: Mapping[str, Tensor], max_ranks: Mapping[str, int], scale: Scale) -> Adapter:
+        """The global adapter from the weighted mean of the clients' dense updates s B_i A_i
+        (``secure_mean = "dense"`` only)."""
+        raise NotImplementedError(f"{self.name} does not aggregate dense updates")
 
     @abstractmethod
     def aggregate(
@@ -295,6 +304,7 @@ class SharedFactorAggregator(Aggregator):
     averaging what they train is the exact average of their updates (``average_with_frozen``)."""
 
     mixed_ranks = False
+    secure_mean = "payload"  # linear in the trained factor
     frozen: ClassVar[Literal["a", "b"]]
 
     def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:
