@@ -54,6 +54,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPl
 from flexfed.aggregation.secure import DENSE, SecureMean, tolerance
 from flexfed.engines.flower import wire
 from flexfed.engines.flower.clientapp import APP_SECONDS, SECURE_TASK
+from flexfed.engines.flower.serverapp import POLL_S
 from flexfed.protocol import Failure, Outcome
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class _Recorder:
         messages = list(messages)
         for m in messages:
             self.sent[m.metadata.dst_node_id] = self.sent.get(m.metadata.dst_node_id, 0) + wire.message_bytes(m)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = self._exchange(messages, timeout)
         for r in replies:
             node = r.metadata.src_node_id
             if r.has_error():
@@ -126,6 +127,22 @@ class _Recorder:
             if self.audit is not None:
                 self._keep(node, r.content)
         self.stage += 1
+        return replies
+
+    def _exchange(self, messages, timeout):
+        """Push, then pull every ``POLL_S`` until every reply is in or ``timeout`` has passed (the
+        Grid's own ``send_and_receive`` sleeps 3 s between pulls: 4 stages, up to 12 s a round)."""
+        pending = {mid for mid in self.grid.push_messages(messages) if mid}
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        replies = []
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            if pending and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+            elif pending:
+                break
         return replies
 
     def _keep(self, node: int, content: RecordDict) -> None:
