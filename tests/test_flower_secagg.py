@@ -16,7 +16,7 @@ from flexfed.engines import simulation
 from flexfed.engines.flower.deploy import node_config_string
 from flexfed.engines.flower.project import write_app
 from flexfed.lora import Factors, load_adapter
-from flexfed.server import Link, Server
+from flexfed.server import Link, Server, load_checkpoint
 
 from test_flower import RUN_TIMEOUT, _metrics, _wait_for_run_dir, federations  # noqa: F401  (the harness and its fixture)
 from test_flower_units import task_identity  # noqa: F401  (a fixture)
@@ -225,7 +225,21 @@ def test_secaggplus_on_a_real_superlink_gives_the_plain_global_and_the_server_ne
         error = max(float(np.abs(recovered[k] - exact[k]).max()) for k in exact)
         assert error <= tol, (error, tol)
 
-        # The global adapter: the method's aggregate of that mean, so the plain global within the tolerance's consequence.
+        # The global adapter is the method's aggregate of that mean and of nothing else ...
+        state = load_checkpoint(config.run_dir)
+        if dense:
+            from flexfed.lora import lora_scale
+
+            scale = lambda r: lora_scale(r, config.lora.alpha, config.lora.rslora)  # noqa: E731
+            shapes = {k.removesuffix(".dw"): v.shape for k, v in recovered.items()}
+            expected = get_aggregator("flexlora").aggregate_dense({n: torch.from_numpy(recovered[f"{n}.dw"]) for n in shapes},
+                                                                 {n: f.rank for n, f in state.global_adapter.items()}, scale)
+            for n, f in state.global_adapter.items():  # (another process's LAPACK threads: equal up to rounding)
+                torch.testing.assert_close(f.delta(), expected[n].delta(), rtol=1e-5, atol=1e-8)
+        else:  # FedIT's aggregate of one update of weight 1 is that update
+            for n, f in state.global_adapter.items():
+                assert torch.equal(f.a, torch.from_numpy(recovered[f"{n}.a"])) and torch.equal(f.b, torch.from_numpy(recovered[f"{n}.b"])), n
+        # ... so the plain global, within what the tolerance turns into.
         flower_global, plain_global = _global_deltas(config.run_dir), _global_deltas(plain.run_dir)
         assert set(flower_global) == set(plain_global)
         gap = max(float((flower_global[n] - plain_global[n]).abs().max()) for n in plain_global)
