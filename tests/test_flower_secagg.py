@@ -31,7 +31,8 @@ SECURE = ["flower.secure_aggregation=secaggplus"]
     (["federation.method=flexlora"], "flower.secaggplus.dense: true"),
     (["federation.method=flora"], "FLoRA stacks"),
     (["federation.method=lora-fair"], "LoRA-FAIR refits B"),
-    (["federation.method=hetlora"], "HetLoRA weighs each update"),
+    (["federation.method=hetlora"], "HetLoRA's sparsity weights"),
+    (["federation.method=hetlora", "federation.method_options={sparsity_weighted: false}"], "rank self-pruning \\(prune\\)"),
     (["federation.method=kd"], "'kd' exchanges distributions"),
     (["federation.method=split"], "'split' exchanges activations"),
     (["federation.method=fedkseed"], "'fedkseed' exchanges seeds"),
@@ -52,6 +53,7 @@ def test_secaggplus_settings_need_secaggplus_and_off_reads_as_off():
         load_config("tiny", ["flower.secaggplus.dense=true"])
     assert load_config("tiny", ["flower.secure_aggregation=off"]).flower.secure_aggregation == "off"  # YAML's bare off is false
     assert load_config("tiny", [*SECURE, "federation.method=flexlora", "flower.secaggplus.dense=true"]).flower.secaggplus.dense
+    assert load_config("tiny", [*SECURE, "federation.method=hetlora", "federation.method_options={sparsity_weighted: false, prune: false}"])
 
 
 def test_the_in_process_engine_refuses_secure_aggregation(tmp_path):
@@ -66,11 +68,13 @@ def test_the_in_process_engine_refuses_secure_aggregation(tmp_path):
 SHAPES = {"l0.q_proj": (12, 10), "l0.v_proj": (6, 10)}
 
 
-def _server(method: str, ranks: dict) -> Server:
+def _server(method: str, ranks: dict, *more: dict, options: str = "{}") -> Server:
+    """A server of three clients: client i has ``(ranks, *more)[i]`` (all ``ranks`` without ``more``)."""
     from flexfed.resources import RankProfile
 
-    config = load_config("tiny", [f"federation.method={method}"])
-    return Server(config, SHAPES, [RankProfile("R", ranks)], [0, 0, 0], ["c0", "c1", "c2"])
+    config = load_config("tiny", [f"federation.method={method}", f"federation.method_options={options}"])
+    profiles = [RankProfile(f"R{i}", r) for i, r in enumerate((ranks, *more))]
+    return Server(config, SHAPES, profiles, [0, 1, 2] if more else [0, 0, 0], ["c0", "c1", "c2"])
 
 
 def _updates(server: Server, seed: int = 1):
@@ -114,6 +118,30 @@ def test_flexlora_from_the_mean_of_dense_updates_is_its_plain_aggregate():
     for n in SHAPES:
         torch.testing.assert_close(secure[n].delta(), plain[n].delta(), rtol=1e-4, atol=1e-6)
         assert secure[n].rank == plain[n].rank
+
+
+def test_hetlora_from_the_mean_of_padded_factors_is_its_plain_aggregate():
+    from flexfed.aggregation.secure import padded_arrays
+
+    options = "{sparsity_weighted: false, prune: false}"
+    server = _server("hetlora", {n: 2 for n in SHAPES}, {n: 5 for n in SHAPES}, {n: 3 for n in SHAPES}, options=options)
+    state, updates = _updates(server)
+    weights = [5, 2, 9]
+    for reporting in ([0, 1, 2], [0, 2]):  # with the rank-5 client, and without it: components 3, 4 keep the previous global
+        ups, ws = [updates[i] for i in reporting], [weights[i] for i in reporting]
+        plain = server.aggregate(state, ups, ws)
+        modules = sorted(SHAPES)
+        padded = []
+        for u in ups:
+            arrays = {k: v.numpy() for k, v in server.link.send(u, {n: f.rank for n, f in u.items()}).items()}
+            padded.append(padded_arrays(arrays, modules, [server.max_ranks[n] for n in modules],
+                                        [u[n].scale / server.scale(server.max_ranks[n]) for n in modules]))
+        mean = {k: torch.from_numpy(sum(w * p[k].astype(np.float64) for w, p in zip(ws, padded)) / sum(ws)).float() for k in padded[0]}
+        secure = server.aggregate_mean(state, SecureMean(mean, tuple(f"c{i}" for i in reporting), padded=True))
+        for n in SHAPES:
+            assert secure[n].rank == plain[n].rank == 5
+            torch.testing.assert_close(secure[n].delta(), plain[n].delta(), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(secure[n].a, plain[n].a, rtol=1e-5, atol=1e-7)
 
 
 def test_the_clientapp_hands_only_secaggplus_messages_to_its_mod(task_identity):  # noqa: F811

@@ -264,6 +264,14 @@ class Server:
         if mean.dense:
             dense = {n: mean.payload[f"{n}.dw"] for n in self.shapes}
             return self.aggregator.aggregate_dense(dense, self.max_ranks, self.scale)
+        if mean.padded:  # every module's factors at the global rank g = max_ranks (the global's, without pruning), at s(g)
+            for n, f in state.global_adapter.items():
+                if f.rank != self.max_ranks[n] or mean.payload[f"{n}.a"].shape[0] != f.rank:
+                    raise ValueError(f"{n}: padded to rank {mean.payload[f'{n}.a'].shape[0]}, the global has rank {f.rank} (max {self.max_ranks[n]})")
+            padded = {n: Factors(b=mean.payload[f"{n}.b"], a=mean.payload[f"{n}.a"], scale=self.scale(mean.payload[f"{n}.a"].shape[0])) for n in self.shapes}
+            index = {c: i for i, c in enumerate(self.client_ids)}
+            reached = {n: max(self.ranks_of(index[c])[n] for c in mean.clients) for n in self.shapes}
+            return self.aggregator.aggregate_padded(padded, reached, state.global_adapter)
         # every client of a "payload" method shares one rank (``mixed_ranks`` is False): the mean is one update of it
         update = self.link.receive(mean.payload, self.max_ranks)
         return self.aggregator.aggregate([update], [1.0], self.max_ranks, self.scale, previous=state.global_adapter)

@@ -186,8 +186,9 @@ class Aggregator(ABC):
     mixed_ranks: ClassVar[bool] = True
     # Under secure aggregation (``aggregation.secure``): "payload" when ``aggregate`` of the
     # payloads' weighted mean, as one update of weight 1, is the round's aggregate; "dense" when
-    # only the mean of the dense s B A serves (``aggregate_dense``); None: refused.
-    secure_mean: ClassVar[Literal["payload", "dense"] | None] = None
+    # only the mean of the dense s B A serves (``aggregate_dense``); "padded" when it is the mean of
+    # the factors zero-padded to the global rank (``aggregate_padded``); None: refused.
+    secure_mean: Literal["payload", "dense", "padded"] | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -198,6 +199,12 @@ class Aggregator(ABC):
         """The global adapter from the weighted mean of the clients' dense updates s B_i A_i
         (``secure_mean = "dense"`` only)."""
         raise NotImplementedError(f"{self.name} does not aggregate dense updates")
+
+    def aggregate_padded(self, mean: Mapping[str, Factors], reached: Mapping[str, int], previous: Mapping[str, Factors] | None) -> Adapter:
+        """The global adapter from the weighted mean of the clients' factors zero-padded to the
+        global rank (``mean``, at s(g)); ``reached``: the largest rank a client of the round had
+        (``secure_mean = "padded"`` only)."""
+        raise NotImplementedError(f"{self.name} does not aggregate padded factors")
 
     @abstractmethod
     def aggregate(

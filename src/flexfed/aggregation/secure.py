@@ -14,6 +14,10 @@ assigned it (its shard size). A method runs under it when its aggregate is a fun
 - ``secure_mean = "dense"``: the method needs Σ p_i s_i B_i A_i, which no sum of factors gives
   (FlexLoRA's SVD). With ``flower.secaggplus.dense`` each client sends its dense
   ΔW_i = s(r_i) B_i A_i instead (``dense_arrays``): d·k values per matrix instead of r_i (d + k).
+- ``secure_mean = "padded"``: HetLoRA with ``sparsity_weighted: false`` and ``prune: false``: each
+  client sends its factors zero-padded to the global rank g, B_i scaled by s(r_i)/s(g)
+  (``padded_arrays``), so M is HetLoRA's p_i-weighted padded sum; the components beyond the
+  largest rank of the round keep the previous global (``HetLoRA.aggregate_padded``).
 - ``None``: refused (``check_config``), e.g. FLoRA stacks the factors, LoRA-FAIR refits B from
   the individual factors, HetLoRA's sparsity weights ‖ΔW_i‖/Σ‖ΔW_j‖ and its self-pruned ranks need
   each update.
@@ -42,13 +46,17 @@ class SecureMean:
     payload: Mapping  # payload key -> tensor: Σ_i n_i x_i / Σ_i n_i
     clients: tuple[str, ...]
     dense: bool = False  # the payload holds dense ΔW per module (``DENSE``), not the method's parts
+    padded: bool = False  # the payload holds every module's factors zero-padded to the global rank, at s(g)
 
 
 def secure_mode(config) -> str | None:
-    """"payload" or "dense" when ``config`` runs secure aggregation, else None."""
+    """What the clients of ``config`` send under secure aggregation ("payload", "dense" or
+    "padded"; ``Aggregator.secure_mean``), or None without it."""
     if config.flower.secure_aggregation == "off":
         return None
-    return "dense" if config.flower.secaggplus.dense else "payload"
+    from flexfed.aggregation import get_aggregator
+
+    return get_aggregator(config.federation.method, **config.federation.method_options).secure_mean
 
 
 def check_config(config) -> None:
@@ -61,7 +69,8 @@ def check_config(config) -> None:
     from flexfed.protocol import FAMILIES
 
     method = config.federation.method
-    runs = "FedIT, FFA-LoRA and Fed-SB (their payloads' weighted sum), FlexLoRA with flower.secaggplus.dense: true"
+    runs = ("FedIT, FFA-LoRA and Fed-SB (their payloads' weighted sum), FlexLoRA with flower.secaggplus.dense: true, "
+            "HetLoRA with federation.method_options {sparsity_weighted: false, prune: false}")
     if method in FAMILIES:
         what = {"kd": "distributions on the public proxy set, which the server distils from one by one",
                 "split": "activations and gradients every local step, which the server trains on one by one",
@@ -72,7 +81,7 @@ def check_config(config) -> None:
     if mode is None:
         why = {"flora": "FLoRA stacks every client's factors (its global has the sum of their ranks)",
                "lora-fair": "LoRA-FAIR refits B on the server from each client's factors",
-               "hetlora": "HetLoRA weighs each update by its own norm ‖ΔW_i‖/Σ‖ΔW_j‖ and clients prune their own ranks",
+               "hetlora": "HetLoRA's sparsity weights ‖ΔW_i‖/Σ‖ΔW_j‖ (sparsity_weighted) and its clients' rank self-pruning (prune) need each update",
                }.get(method, f"{method!r} needs each client's update")
         raise ValueError(f"flower.secure_aggregation: {why}; SecAgg+ gives the server only the weighted sum. It runs {runs}")
     if mode == "dense" and not f.secaggplus.dense:
@@ -99,6 +108,23 @@ def dense_arrays(arrays: Mapping[str, np.ndarray], modules: Sequence[str], scale
     for module, scale in zip(modules, scales, strict=True):
         b, a = arrays[f"{module}.b"], arrays[f"{module}.a"]
         out[f"{module}.{DENSE}"] = (np.float32(scale) * (b.astype(np.float32) @ a.astype(np.float32))).astype(np.float32)
+    return out
+
+
+def padded_arrays(arrays: Mapping[str, np.ndarray], modules: Sequence[str], ranks: Sequence[int], ratios: Sequence[float]) -> dict[str, np.ndarray]:
+    """Both factors of every module zero-padded to rank ``ranks[m]``, B times ``ratios[m]`` =
+    s(r_i)/s(g) (HetLoRA's padding; float32, NumPy only)."""
+    out = {}
+    for module, rank, ratio in zip(modules, ranks, ratios, strict=True):
+        b, a = arrays[f"{module}.b"], arrays[f"{module}.a"]
+        r = a.shape[0]
+        if r > rank:
+            raise ValueError(f"{module}: rank {r} is above the global rank {rank}")
+        padded_b = np.zeros((b.shape[0], rank), np.float32)
+        padded_a = np.zeros((rank, a.shape[1]), np.float32)
+        padded_b[:, :r] = b.astype(np.float64) * ratio
+        padded_a[:r] = a
+        out[f"{module}.b"], out[f"{module}.a"] = padded_b, padded_a
     return out
 
 

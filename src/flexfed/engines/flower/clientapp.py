@@ -33,7 +33,8 @@ side): the messages of a SecAgg+ round carry its stage, and ``secure_mod`` hands
 ``secaggplus_mod``, which answers the key stages itself and, in the stage that collects the
 masked vectors, calls ``train`` with a legacy ``FitIns``. ``train`` then trains as above and
 replies with a ``FitRes``: its vector is the client's payload (FlexLoRA with
-``flower.secaggplus.dense``: its dense ΔW = s B A per matrix, ``aggregation.secure.dense_arrays``),
+``flower.secaggplus.dense``: its dense ΔW = s B A per matrix, ``aggregation.secure.dense_arrays``;
+HetLoRA: its factors zero-padded to the global rank, ``padded_arrays``),
 its ``num_examples`` the weight the server assigned, and its metrics the training statistics
 (JSON, in the clear); the mod quantises and masks the vector and drops the arrays before anything
 leaves the node. Every other message passes the mod untouched.
@@ -127,7 +128,7 @@ def _secure_train(msg: Message, context: Context, began: float) -> Message:
     from flwr.common import Code, FitRes, Parameters, Status
     from flwr.compat.common import recorddict_compat as compat
 
-    from flexfed.aggregation.secure import dense_arrays
+    from flexfed.aggregation.secure import dense_arrays, padded_arrays
     from flexfed.engines.flower import wire
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
@@ -137,8 +138,10 @@ def _secure_train(msg: Message, context: Context, began: float) -> Message:
     stats, record = _serve(task, sent, context)
     arrays = wire.from_record(record)
     stats["bytes_up_factored"] = int(sum(a.nbytes for a in arrays.values()))  # what the plain round sends up
-    if secure.get("dense_scales") is not None:
+    if secure.get("dense_scales") is not None:  # FlexLoRA: s B A per module
         arrays = dense_arrays(arrays, task["modules"], secure["dense_scales"])
+    if secure.get("pad_ranks") is not None:  # HetLoRA: both factors at the global rank, B at s(g)
+        arrays = padded_arrays(arrays, task["modules"], secure["pad_ranks"], secure["pad_ratios"])
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
     # SecAgg+ clips (weight / max_weight) * value to ±clipping_range: refuse rather than send a clipped update
     ratio = float(secure["weight"]) / float(secure["max_weight"])

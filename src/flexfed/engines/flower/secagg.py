@@ -190,19 +190,30 @@ def secure_round(executor, round_: int, conversations: dict) -> dict:
             chosen[node] = c
     weights = {c: federation.clients[c].num_examples for c in chosen.values()}
     max_weight = float(max(weights.values(), default=1))
-    dense = bool(sa.dense)
+    mode = server.aggregator.secure_mean
+    dense, padded = mode == "dense", mode == "padded"
     fitins, keys = {}, None
     for node, c in chosen.items():
         down = downs[c]
         arrays, meta = wire.encode_payload(down.arrays)
-        ranks = server.ranks_of(c)
-        secure = {"keys": sorted(arrays), "weight": weights[c], "max_weight": max_weight, "clipping_range": sa.clipping_range,
-                  "dense_scales": [server.scale(ranks[m]) for m in down.meta["modules"]] if dense else None}
+        ranks, modules = server.ranks_of(c), down.meta["modules"]
+        secure = {"keys": sorted(arrays), "weight": weights[c], "max_weight": max_weight, "clipping_range": sa.clipping_range}
+        if dense:  # FlexLoRA: s(r_i) of each module, for the client's s B A
+            secure["dense_scales"] = [server.scale(ranks[m]) for m in modules]
+        if padded:  # HetLoRA: the global rank g of each module (its largest served rank, which the global keeps) and s(r_i)/s(g)
+            secure["pad_ranks"] = [server.max_ranks[m] for m in modules]
+            secure["pad_ratios"] = [server.scale(ranks[m]) / server.scale(server.max_ranks[m]) for m in modules]
         task = {"config": executor.config_yaml, **down.meta, **meta, "secure": secure}
         fitins[node] = FitIns(Parameters([wire.npy_bytes(arrays[k]) for k in secure["keys"]], wire.NPY), {SECURE_TASK: json.dumps(task)})
         executor._wire[federation.clients[c].client_id]["array_bytes_down"] = wire.array_bytes(down.arrays)
-        if keys is None:  # the mean's parts: the payload's (one common rank), or each module's dense ΔW
-            keys = {f"{m}.{DENSE}": tuple(server.shapes[m]) for m in down.meta["modules"]} if dense else {k: tuple(t.shape) for k, t in down.arrays.items()}
+        if keys is None:  # the mean's parts: the payload's (one common rank), each module's dense ΔW, or its factors at rank g
+            if dense:
+                keys = {f"{m}.{DENSE}": tuple(server.shapes[m]) for m in modules}
+            elif padded:
+                keys = {**{f"{m}.a": (server.max_ranks[m], server.shapes[m][1]) for m in modules},
+                        **{f"{m}.b": (server.shapes[m][0], server.max_ranks[m]) for m in modules}}
+            else:
+                keys = {k: tuple(t.shape) for k, t in down.arrays.items()}
     audit = config.run_dir / "secagg-audit" / f"round-{round_:04d}" if sa.audit else None
     grid = _Recorder(executor.grid, audit)
     strategy = _Round(executor.grid, fitins)
@@ -231,7 +242,7 @@ def secure_round(executor, round_: int, conversations: dict) -> dict:
         else:
             reported = [chosen[n] for n in chosen if n in strategy.results]
             payload = {k: torch.from_numpy(np.asarray(a, dtype=np.float32)) for k, a in zip(sorted(keys), arrays)}
-            mean = SecureMean(payload, tuple(federation.clients[c].client_id for c in sorted(reported)), dense=dense)
+            mean = SecureMean(payload, tuple(federation.clients[c].client_id for c in sorted(reported)), dense=dense, padded=padded)
             if audit is not None:
                 audit.mkdir(parents=True, exist_ok=True)
                 for k, t in payload.items():
@@ -255,7 +266,7 @@ def secure_round(executor, round_: int, conversations: dict) -> dict:
         w["time_roundtrip_s"] = seconds  # the four stages, for every node together
         w["bytes_up_factored"] = int(stats.get("bytes_up_factored", 0))
         out[c] = Outcome(mean, stats, downs[c].nbytes, grid.masked.get(node, 0))
-    executor._secure = {"protocol": "secaggplus", "vector": "dense" if dense else "payload", "nodes": len(strategy.results) if mean is not None else 0,
+    executor._secure = {"protocol": "secaggplus", "vector": mode, "nodes": len(strategy.results) if mean is not None else 0,
                         "tolerance": tolerance(max(len(strategy.results), 1), sa.clipping_range, sa.quantization_range), "seconds": seconds}
     if error is not None:
         log.warning("round %d: secure aggregation failed: %s", round_, error)
