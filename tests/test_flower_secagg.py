@@ -154,6 +154,32 @@ def test_the_clientapp_hands_only_secaggplus_messages_to_its_mod(task_identity):
     assert secure_mod(plain, None, lambda m, c: calls.append(m) or "inner") == "inner" and calls == [plain]
 
 
+def test_a_round_with_two_clients_on_one_node_fails_them_with_why_before_any_message(tmp_path):
+    from types import SimpleNamespace
+
+    from flexfed.engines.flower.secagg import secure_round
+    from flexfed.protocol import Failure, Message
+
+    config = load_config("tiny", [*SECURE, "federation.method=fedit", f"output_dir={tmp_path}"])
+    server = _server("fedit", {n: 3 for n in SHAPES})
+    state = server.initial_state()
+
+    def conversation(c):
+        yield Message(server.downlink(state, c, False), {"client": f"c{c}", "modules": sorted(SHAPES), "ranks": [3, 3]})
+        raise AssertionError("a secure round never sends a conversation a reply")
+
+    clients = [SimpleNamespace(client_id=f"c{c}", num_examples=4) for c in range(3)]
+    grid = SimpleNamespace(push_messages=lambda m: pytest.fail("nothing may be sent"))
+    executor = SimpleNamespace(config=config, federation=SimpleNamespace(clients=clients), runner=SimpleNamespace(protocol=SimpleNamespace(server=server)),
+                               host={0: 11, 1: 11}, _wire={}, grid=grid, config_yaml="")
+    out = secure_round(executor, 1, {c: conversation(c) for c in range(3)})
+    assert all(isinstance(o, Failure) for o in out.values())
+    assert "SuperNode 11 carries client c0 this round" in str(out[1].error)
+    assert "no connected SuperNode hosts it" in str(out[2].error)
+    assert "needs at least 2 SuperNodes" in str(out[0].error)
+    assert executor._secure["nodes"] == 0
+
+
 # ----------------------------------------------------------------------------- SecAgg+ on a real SuperLink
 
 # Three clients, one per SuperNode, one round.

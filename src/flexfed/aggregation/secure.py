@@ -49,16 +49,6 @@ class SecureMean:
     padded: bool = False  # the payload holds every module's factors zero-padded to the global rank, at s(g)
 
 
-def secure_mode(config) -> str | None:
-    """What the clients of ``config`` send under secure aggregation ("payload", "dense" or
-    "padded"; ``Aggregator.secure_mean``), or None without it."""
-    if config.flower.secure_aggregation == "off":
-        return None
-    from flexfed.aggregation import get_aggregator
-
-    return get_aggregator(config.federation.method, **config.federation.method_options).secure_mean
-
-
 def check_config(config) -> None:
     """``ValueError`` naming what to change when ``config`` asks for secure aggregation that its
     method or settings cannot run under (the server would need individual updates)."""

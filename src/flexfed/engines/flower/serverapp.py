@@ -18,6 +18,10 @@ assumes every client receives every round's stack and merges it into its base (a
 not have been sampled last round), that is the whole *cumulative* update (``base_update``: the
 rounds' stacks concatenated, at most rank min(d, k) per matrix), merged into the original base. The result is bit for bit the simulator's; ``bytes_down`` counts what
 is sent, which exceeds the method's (Σ r_j)(d + k) per matrix from round 2 on.
+
+With ``flower.secure_aggregation: secaggplus`` a round's exchange is Flower's SecAgg+ instead
+(``secagg.secure_round``): the ServerApp never receives an individual update, only the weighted
+mean it unmasks, which the method's aggregate turns into the global (``aggregation.secure``).
 """
 
 from __future__ import annotations
