@@ -162,6 +162,19 @@ class _Recorder:
                         np.save(self.audit / f"{prefix}-{record_name}-{key}-{i}.npy", array, allow_pickle=False)
 
 
+def _stats(res, client_id: str, weight: int, round_: int) -> dict:
+    """A client's training statistics from its FitRes (JSON). Its vector is in the mean already, so
+    statistics that do not parse only cost it its numbers in the metrics line, with a warning."""
+    try:
+        stats = json.loads(str(res.metrics[SECURE_TASK]))
+        for key in ("num_examples", "tokens", "seconds", "loss"):
+            float(stats[key])
+        return stats
+    except (KeyError, TypeError, ValueError) as err:
+        log.warning("round %d: client %s sent statistics that do not parse (%s: %s); its vector is in the mean", round_, client_id, type(err).__name__, err)
+        return {"client": client_id, "num_examples": weight, "tokens": 0, "seconds": 0.0, "loss": float("nan")}
+
+
 def secure_round(executor, round_: int, conversations: dict) -> dict:
     """Run ``round_``'s sampled clients through SecAgg+; every client that finished gets the same
     ``SecureMean`` as its update, every other one a ``Failure``."""
@@ -256,7 +269,7 @@ def secure_round(executor, round_: int, conversations: dict) -> dict:
             why = error or SecureRoundFailed(f"client {client_id}: its SuperNode {node} dropped out of SecAgg+ (no masked vector); its masks were removed")
             out[c] = Failure(why, 0)
             continue
-        stats = json.loads(str(res.metrics[SECURE_TASK]))
+        stats = _stats(res, client_id, weights[c], round_)
         if str(stats.get("client")) != client_id or int(res.num_examples) != weights[c]:
             log.warning("round %d: node %s answered for client %s with weight %s; expected client %s, weight %d (the mean used its weight)",
                         round_, node, stats.get("client"), res.num_examples, client_id, weights[c])
