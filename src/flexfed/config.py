@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -175,6 +175,45 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1)
 
 
+class SecAggPlusConfig(_Section):
+    """Flower's SecAgg+ parameters (``flower.secure_aggregation: secaggplus``; docs/flower.md).
+
+    Each node clips every value it sends to ±clipping_range and rounds it stochastically to one of
+    quantization_range levels, so the mean the server recovers is within about
+    (number of nodes) x 2·clipping_range / quantization_range of the true weighted mean per value.
+    """
+
+    # Shares of each node's keys: an int >= 3 (that many neighbours), or a float in (0, 1], that
+    # share of the round's nodes (1.0: every node of the round).
+    num_shares: int | float = 1.0
+    # Shares needed to rebuild a dropped node's mask: an int >= 2 below num_shares, or a float in
+    # (0, 1], that share of num_shares. Higher: better privacy, fewer dropouts tolerated.
+    reconstruction_threshold: int | float = 0.67
+    clipping_range: float = Field(8.0, gt=0)  # |value| sent, after weighting; larger values are clipped
+    quantization_range: int = Field(1 << 22, ge=2, lt=1 << 32)  # levels over [-clipping_range, clipping_range]
+    # FlexLoRA only: each client sends its dense ΔW_i = s(r_i) B_i A_i (d·k values per matrix
+    # instead of r_i·(d + k)), since FlexLoRA's SVD needs the sum of the products, not of the factors.
+    dense: bool = False
+    # Keep every array the ServerApp receives during secure aggregation, and the mean it recovers,
+    # under RUN_DIR/secagg-audit/ (for audits and tests; sizes grow with the model).
+    audit: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        n, t = self.num_shares, self.reconstruction_threshold
+        if isinstance(n, bool) or isinstance(t, bool):
+            raise ValueError("num_shares and reconstruction_threshold are numbers, not booleans")
+        if isinstance(n, int) and n < 3:
+            raise ValueError(f"num_shares {n}: an integer number of shares must be at least 3 (or give a share of the round's nodes, e.g. 1.0)")
+        if isinstance(n, float) and not 0 < n <= 1:
+            raise ValueError(f"num_shares {n}: a share of the round's nodes must be in (0, 1]")
+        if isinstance(t, int) and (t < 2 or (isinstance(n, int) and t >= n)):
+            raise ValueError(f"reconstruction_threshold {t}: an integer threshold must be at least 2 and below num_shares ({n})")
+        if isinstance(t, float) and not 0 < t <= 1:
+            raise ValueError(f"reconstruction_threshold {t}: a share of num_shares must be in (0, 1]")
+        return self
+
+
 class FlowerConfig(_Section):
     """Flower engines only (``--engine flower-sim`` and deployment); the simulator ignores it."""
 
@@ -185,6 +224,22 @@ class FlowerConfig(_Section):
     num_supernodes: int | None = Field(None, ge=1)  # flower-sim: virtual SuperNodes (default: one per client)
     client_cpus: float = Field(1.0, gt=0)  # flower-sim: Ray resources of one ClientApp
     client_gpus: float = Field(0.0, ge=0)
+    # Secure aggregation on a Flower deployment (docs/flower.md#secure-aggregation): "secaggplus"
+    # runs each round through Flower's SecAgg+ (``secaggplus_mod`` on the nodes, its workflow on the
+    # ServerApp), so the server learns only the weighted mean of the round's updates.
+    secure_aggregation: Literal["off", "secaggplus"] = "off"
+    secaggplus: SecAggPlusConfig = Field(default_factory=SecAggPlusConfig)
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _off(cls, value):
+        return "off" if value is False or value is None else value  # YAML reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _check_secure(self):
+        if self.secure_aggregation == "off" and self.secaggplus != SecAggPlusConfig():
+            raise ValueError("flower.secaggplus applies with flower.secure_aggregation: secaggplus")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -351,6 +406,9 @@ class RunConfig(_Section):
             raise ValueError(f"the zo section applies to federation.method=fedkseed or fedkseed-pro, not {method!r}")
         if method != "split" and self.split != SplitConfig():
             raise ValueError(f"the split section applies to federation.method=split only, not {method!r}")
+        from flexfed.aggregation.secure import check_config as check_secure
+
+        check_secure(self)  # flower.secure_aggregation: only methods whose server needs a weighted sum
         if method in FAMILIES:  # a protocol of its own: its config section holds its options
             if options:
                 raise ValueError(f"federation.method_options {options}: {method!r} takes its options from its own config section")

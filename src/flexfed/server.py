@@ -258,19 +258,39 @@ class Server:
         rate = len(self.sample(1)) / len(self.client_ids)  # clients per round / clients registered
         return privacy.epsilon(p.noise_multiplier, rate, round_, p.delta, p.accountant)
 
-    def advance(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> ServerState:
+    def aggregate_mean(self, state: ServerState, mean) -> Adapter:
+        """The global adapter from a round's ``SecureMean`` (secure aggregation: the weighted mean
+        of the payloads, no individual update), by the method's own aggregate (``aggregation.secure``)."""
+        if mean.dense:
+            dense = {n: mean.payload[f"{n}.dw"] for n in self.shapes}
+            return self.aggregator.aggregate_dense(dense, self.max_ranks, self.scale)
+        if mean.padded:  # every module's factors at the global rank g = max_ranks (the global's, without pruning), at s(g)
+            for n, f in state.global_adapter.items():
+                if f.rank != self.max_ranks[n] or mean.payload[f"{n}.a"].shape[0] != f.rank:
+                    raise ValueError(f"{n}: padded to rank {mean.payload[f'{n}.a'].shape[0]}, the global has rank {f.rank} (max {self.max_ranks[n]})")
+            padded = {n: Factors(b=mean.payload[f"{n}.b"], a=mean.payload[f"{n}.a"], scale=self.scale(mean.payload[f"{n}.a"].shape[0])) for n in self.shapes}
+            index = {c: i for i, c in enumerate(self.client_ids)}
+            reached = {n: max(self.ranks_of(index[c])[n] for c in mean.clients) for n in self.shapes}
+            return self.aggregator.aggregate_padded(padded, reached, state.global_adapter)
+        # every client of a "payload" method shares one rank (``mixed_ranks`` is False): the mean is one update of it
+        update = self.link.receive(mean.payload, self.max_ranks)
+        return self.aggregator.aggregate([update], [1.0], self.max_ranks, self.scale, previous=state.global_adapter)
+
+    def advance(self, state: ServerState, round_: int, updates: Sequence[Mapping[str, Factors]], weights: Sequence[float], mean=None) -> ServerState:
         """The state after ``round_``: aggregate (if enough clients reported); the method's hooks say
-        what becomes of the base (``Aggregator.accumulate``) and what a round without one keeps."""
+        what becomes of the base (``Aggregator.accumulate``) and what a round without one keeps.
+        ``mean``: a ``SecureMean`` that stands for the round's updates (secure aggregation)."""
         # Clients that pruned their ranks this round did so on their own: it holds whatever the
         # server makes of their updates.
         self.client_ranks, self._reported_ranks = {**state.client_ranks, **self._reported_ranks}, {}
         kept = self.aggregator.kept(state.global_adapter)
         unchanged = ServerState(round=round_, global_adapter=kept, metrics=state.metrics, base_update=state.base_update, client_ranks=self.client_ranks)
-        if len(updates) < self.config.federation.min_clients:
-            log.warning("round %d: %d clients reported, fewer than min_clients=%d; global model unchanged", round_, len(updates), self.config.federation.min_clients)
+        reported = len(updates) if mean is None else len(mean.clients)
+        if reported < self.config.federation.min_clients:
+            log.warning("round %d: %d clients reported, fewer than min_clients=%d; global model unchanged", round_, reported, self.config.federation.min_clients)
             return unchanged
         try:
-            new_global = self.aggregate(state, updates, weights, round_)
+            new_global = self.aggregate(state, updates, weights, round_) if mean is None else self.aggregate_mean(state, mean)
             self.check_bounded(new_global, f"round {round_}'s aggregate")
             base_update = self.aggregator.accumulate(state.base_update, new_global, self.scale)
             self.check_bounded(base_update, f"round {round_}'s merged update")

@@ -184,11 +184,27 @@ class Aggregator(ABC):
     trainable: ClassVar[tuple[str, ...]] = ("a", "b")
     merges_into_base: ClassVar[bool] = False
     mixed_ranks: ClassVar[bool] = True
+    # Under secure aggregation (``aggregation.secure``): "payload" when ``aggregate`` of the
+    # payloads' weighted mean, as one update of weight 1, is the round's aggregate; "dense" when
+    # only the mean of the dense s B A serves (``aggregate_dense``); "padded" when it is the mean of
+    # the factors zero-padded to the global rank (``aggregate_padded``); None: refused.
+    secure_mean: Literal["payload", "dense", "padded"] | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
             Aggregator.registry[cls.name] = cls
+
+    def aggregate_dense(self, dense: Mapping[str, Tensor], max_ranks: Mapping[str, int], scale: Scale) -> Adapter:
+        """The global adapter from the weighted mean of the clients' dense updates s B_i A_i
+        (``secure_mean = "dense"`` only)."""
+        raise NotImplementedError(f"{self.name} does not aggregate dense updates")
+
+    def aggregate_padded(self, mean: Mapping[str, Factors], reached: Mapping[str, int], previous: Mapping[str, Factors] | None) -> Adapter:
+        """The global adapter from the weighted mean of the clients' factors zero-padded to the
+        global rank (``mean``, at s(g)); ``reached``: the largest rank a client of the round had
+        (``secure_mean = "padded"`` only)."""
+        raise NotImplementedError(f"{self.name} does not aggregate padded factors")
 
     @abstractmethod
     def aggregate(
@@ -295,6 +311,7 @@ class SharedFactorAggregator(Aggregator):
     averaging what they train is the exact average of their updates (``average_with_frozen``)."""
 
     mixed_ranks = False
+    secure_mean = "payload"  # linear in the trained factor
     frozen: ClassVar[Literal["a", "b"]]
 
     def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:

@@ -20,6 +20,7 @@ def fedit_average(factors: Sequence[Factors], p: Sequence[float]) -> Factors:
 class FedIT(Aggregator):
     name = "fedit"
     mixed_ranks = False
+    secure_mean = "payload"  # linear in A and B
 
     def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:
         names, p = validate(updates, weights)

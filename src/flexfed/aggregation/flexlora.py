@@ -192,13 +192,33 @@ class FlexLoRA(Aggregator):
         triplets = flexlora_triplets(
             updates, p, {n: max_ranks[n] for n in names}, method=self.svd, rtol=self.rtol, chunk_bytes=self.chunk_bytes
         )
+        return self._factors(triplets, {n: updates[0][n].b.dtype for n in names}, scale)
+
+    def _factors(self, triplets: Mapping[str, Triplets], dtypes: Mapping[str, torch.dtype], scale) -> Adapter:
         out = {}
-        for name in names:
-            dtype = updates[0][name].b.dtype
+        for name, dtype in dtypes.items():
             rank = triplets[name][1].shape[0]
             b, a = split_factors(triplets[name], scale(rank), self.split)
             out[name] = Factors(b=b.to(dtype), a=a.to(dtype), scale=scale(rank))
         return out
+
+    secure_mean = "dense"  # its SVD needs Σ p_i s_i B_i A_i
+
+    def aggregate_dense(self, dense, max_ranks, scale) -> Adapter:
+        """The same SVD and split from dW = Σ p_i s_i B_i A_i already summed (secure aggregation:
+        the weighted mean of the clients' dense updates), one module at a time."""
+        triplets = {}
+        for name in sorted(dense):
+            w = dense[name].to(torch.promote_types(dense[name].dtype, torch.float32))
+            d, k = w.shape
+            rank = min(max_ranks[name], d, k)
+            if self.svd == "randomized":
+                u, s, vh = randomized_top_singular(w.unsqueeze(0), rank, rtol=self.rtol)
+            else:  # the sum is dense already: the exact SVD costs no more than forming it did
+                u, s, vh = dense_top_singular(w.unsqueeze(0), rank)
+            u, vh = _fix_signs(u, vh)
+            triplets[name] = (u[0], s[0], vh[0])
+        return self._factors(triplets, {n: torch.float32 if dense[n].dtype == torch.float64 else dense[n].dtype for n in dense}, scale)
 
     def distribute(self, global_adapter, ranks, scale) -> Adapter:
         if self.split == "reference":

@@ -170,6 +170,8 @@ class HetLoRA(Aggregator):
             raise ValueError(f"hetlora: lambda must be a finite number >= 0 (the tail penalty's weight), got {lam!r}")
         self.sparsity_weighted = sparsity_weighted
         self.pruning = RankSelfPruning(float(gamma), float(lam)) if prune else None
+        # Under secure aggregation the server has only Σ p_i (padded factors): n_i weights and the ranks it served
+        self.secure_mean = "padded" if not sparsity_weighted and not prune else None
 
     def aggregate(self, updates, weights, max_ranks, scale, previous=None) -> Adapter:
         names, p = validate(updates, weights)
@@ -181,3 +183,17 @@ class HetLoRA(Aggregator):
 
     def local_rule(self) -> LocalRule | None:
         return self.pruning
+
+    def aggregate_padded(self, mean, reached, previous) -> Adapter:
+        """``hetlora_average`` with p_i weights, from Σ p_i (B_i s(r_i)/s(g), A_i) zero-padded to g
+        (secure aggregation): the components beyond ``reached`` keep ``previous``, as there."""
+        out = {}
+        for n, f in mean.items():
+            b, a = f.b.clone(), f.a.clone()
+            old = (previous or {}).get(n)
+            if old is not None and old.rank > reached[n]:
+                kept = slice(reached[n], old.rank)
+                b[:, kept] = (old.b[:, kept].double() * (old.scale / f.scale)).to(b.dtype)
+                a[kept] = old.a[kept].to(a.dtype)
+            out[n] = Factors(b=b, a=a, scale=f.scale)
+        return out

@@ -23,6 +23,7 @@ import torch
 from flexfed import attacks
 from flexfed.aggregation import sparse
 from flexfed.aggregation.base import Aggregator, truncate
+from flexfed.aggregation.secure import SecureMean
 from flexfed.client import CLIENT_ERRORS, ClientResult
 from flexfed.config import RunConfig
 from flexfed.lora import module_kind
@@ -66,6 +67,9 @@ def check_engine(config: RunConfig, executor: str) -> None:
     """What an executor cannot run yet, refused before anything is built."""
     if config.federation.sparse_stage.rounds and executor != "in-process":
         raise ValueError("federation.sparse_stage (SLoRA's sparse first stage) runs on the simulation engine only, not on Flower yet")
+    if config.flower.secure_aggregation != "off" and executor != "flower":
+        raise ValueError(f"flower.secure_aggregation={config.flower.secure_aggregation!r} runs on Flower (SuperNodes mask their updates), "
+                         f"not on the {executor} engine; set it to off or run with flexfed flower")
 
 
 def ranks_by_kind(ranks) -> dict[str, int]:
@@ -135,7 +139,7 @@ class WeightsProtocol(Protocol):
     def client_fields(self, round_: int, client: int, update) -> dict:
         s = self.server
         fields = {"profile": s.profiles[s.client_profile[client]].name, "ranks": ranks_by_kind(s.ranks_of(client))}
-        if update and self.stage(round_) == "lora":
+        if update and not isinstance(update, SecureMean) and self.stage(round_) == "lora":
             sent = ranks_by_kind({n: f.rank for n, f in update.items()})
             if sent != fields["ranks"]:  # the client cut its own rank (HetLoRA's self-pruning)
                 fields["ranks_sent"] = sent
@@ -224,6 +228,8 @@ class WeightsProtocol(Protocol):
     def combine(self, state: ServerState, round_: int, updates, weights) -> ServerState:
         if self.stage(round_) == "sparse":
             return self.sparse.combine(state, round_, updates, weights)
+        if updates and isinstance(updates[0], SecureMean):  # secure aggregation: every client's outcome is the round's mean
+            return self.server.advance(state, round_, [], [], mean=updates[0])
         return self.server.advance(state, round_, updates, weights)
 
 

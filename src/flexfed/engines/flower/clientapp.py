@@ -27,6 +27,17 @@ plain ``flower-supernode`` it trains in its own short-lived process: a model loa
 
 Optional node config: ``data-path`` (overrides ``data.path``), ``device`` (overrides
 ``device``, e.g. ``cuda:1``).
+
+Secure aggregation (``flower.secure_aggregation: secaggplus``; ``secagg.py`` has the ServerApp's
+side): the messages of a SecAgg+ round carry its stage, and ``secure_mod`` hands those to Flower's
+``secaggplus_mod``, which answers the key stages itself and, in the stage that collects the
+masked vectors, calls ``train`` with a legacy ``FitIns``. ``train`` then trains as above and
+replies with a ``FitRes``: its vector is the client's payload (FlexLoRA with
+``flower.secaggplus.dense``: its dense ΔW = s B A per matrix, ``aggregation.secure.dense_arrays``;
+HetLoRA: its factors zero-padded to the global rank, ``padded_arrays``),
+its ``num_examples`` the weight the server assigned, and its metrics the training statistics
+(JSON, in the clear); the mod quantises and masks the vector and drops the arrays before anything
+leaves the node. Every other message passes the mod untouched.
 """
 
 from __future__ import annotations
@@ -47,10 +58,25 @@ RESULT = "result"  # ConfigRecord of a reply: the reply's metadata (client, trai
 APP_SECONDS = "clientapp_seconds"  # in RESULT: seconds the train handler took on the node
 
 
+SECURE_TASK = "flexfed"  # key of a secure round's FitIns config (and FitRes metrics): the task (stats) as JSON
+
+
 # ----------------------------------------------------------------------------- the ClientApp
 
 
-app = ClientApp()
+def secure_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round (they carry its stage);
+    every other message goes straight to the handlers."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type == "train" and RECORD_KEY_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secure_mod])
 
 
 @app.query()
@@ -61,27 +87,69 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({RESULT: ConfigRecord({"clients": hosted})}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    began = time.perf_counter()
+def _serve(task: dict, record, context: Context) -> tuple[dict, object]:
+    """Train one hosted client from a task (run config, client, seed, the message's metadata) and
+    the arrays it was sent: (its statistics, its reply's ArrayRecord)."""
     from flexfed.engines.flower import wire
 
-    cfg = msg.content.config_records[CONFIG]
     node_config = {k: v for k, v in context.node_config.items() if k != SOCKET_KEY}
-    meta = {k: v for k, v in cfg.items() if k not in ("config", "client", "seed")}
-    header = {"config": str(cfg["config"]), "client": str(cfg["client"]), "seed": int(cfg["seed"]), "meta": meta, "node_config": node_config}
+    meta = {k: v for k, v in task.items() if k not in ("config", "client", "seed")}
+    header = {"config": str(task["config"]), "client": str(task["client"]), "seed": int(task["seed"]), "meta": meta, "node_config": node_config}
     socket_path = context.node_config.get(SOCKET_KEY)
     if socket_path:
         from flexfed.engines.flower import worker
 
-        answer, blobs = worker.request(str(socket_path), {"op": "train", **header}, wire.record_to_blobs(msg.content.array_records[ADAPTER]))
-        stats, record = answer["stats"], wire.blobs_to_record(blobs)
-    else:
-        from flexfed.engines.flower.node import handle
+        answer, blobs = worker.request(str(socket_path), {"op": "train", **header}, wire.record_to_blobs(record))
+        return answer["stats"], wire.blobs_to_record(blobs)
+    from flexfed.engines.flower.node import handle
 
-        stats, arrays = handle(header["config"], node_config, header["client"], header["seed"], wire.from_record(msg.content.array_records[ADAPTER]), meta)
-        record = wire.to_record(arrays)
+    stats, arrays = handle(header["config"], node_config, header["client"], header["seed"], wire.from_record(record), meta)
+    return stats, wire.to_record(arrays)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    began = time.perf_counter()
+    if "fitins.config" in msg.content.config_records:  # a SecAgg+ round (through ``secure_mod``)
+        return _secure_train(msg, context, began)
+    stats, record = _serve(dict(msg.content.config_records[CONFIG]), msg.content.array_records[ADAPTER], context)
     # The handler's own time on the node (training, decoding, encoding, any relay): the ServerApp
     # books the rest of the round trip to Flower (transport, polling, task dispatch).
     stats = {**stats, APP_SECONDS: time.perf_counter() - began}
     return Message(RecordDict({ADAPTER: record, RESULT: ConfigRecord(stats)}), reply_to=msg)
+
+
+def _secure_train(msg: Message, context: Context, began: float) -> Message:
+    """Train for a SecAgg+ round: the vector to mask (the payload, or FlexLoRA's dense ΔW) as a
+    FitRes whose ``num_examples`` is the server's weight for the client."""
+    import json
+
+    import numpy as np
+    from flwr.common import Code, FitRes, Parameters, Status
+    from flwr.compat.common import recorddict_compat as compat
+
+    from flexfed.aggregation.secure import dense_arrays, padded_arrays
+    from flexfed.engines.flower import wire
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    task = json.loads(str(fitins.config[SECURE_TASK]))
+    secure = task.pop("secure")
+    sent = wire.blobs_to_record(dict(zip(secure["keys"], fitins.parameters.tensors, strict=True)))
+    stats, record = _serve(task, sent, context)
+    arrays = wire.from_record(record)
+    stats["bytes_up_factored"] = int(sum(a.nbytes for a in arrays.values()))  # what the plain round sends up
+    if secure.get("dense_scales") is not None:  # FlexLoRA: s B A per module
+        arrays = dense_arrays(arrays, task["modules"], secure["dense_scales"])
+    if secure.get("pad_ranks") is not None:  # HetLoRA: both factors at the global rank, B at s(g)
+        arrays = padded_arrays(arrays, task["modules"], secure["pad_ranks"], secure["pad_ratios"])
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    # SecAgg+ clips (weight / max_weight) * value to ±clipping_range: refuse rather than send a clipped update
+    ratio = float(secure["weight"]) / float(secure["max_weight"])
+    largest = max((float(np.abs(a).max()) for a in arrays.values() if a.size), default=0.0)
+    if not ratio * largest <= secure["clipping_range"]:
+        raise ValueError(f"client {task['client']}: a value of {largest:.4g} (x weight ratio {ratio:.3g}) is beyond "
+                         f"flower.secaggplus.clipping_range={secure['clipping_range']:g}; SecAgg+ would clip it: raise clipping_range")
+    keys = sorted(arrays)
+    stats = {**stats, "keys": keys, APP_SECONDS: time.perf_counter() - began}
+    fitres = FitRes(Status(Code.OK, ""), Parameters([wire.npy_bytes(arrays[k]) for k in keys], wire.NPY), int(secure["weight"]), {SECURE_TASK: json.dumps(stats)})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

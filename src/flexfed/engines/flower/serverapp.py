@@ -18,6 +18,10 @@ assumes every client receives every round's stack and merges it into its base (a
 not have been sampled last round), that is the whole *cumulative* update (``base_update``: the
 rounds' stacks concatenated, at most rank min(d, k) per matrix), merged into the original base. The result is bit for bit the simulator's; ``bytes_down`` counts what
 is sent, which exceeds the method's (Σ r_j)(d + k) per matrix from round 2 on.
+
+With ``flower.secure_aggregation: secaggplus`` a round's exchange is Flower's SecAgg+ instead
+(``secagg.secure_round``): the ServerApp never receives an individual update, only the weighted
+mean it unmasks, which the method's aggregate turns into the global (``aggregation.secure``).
 """
 
 from __future__ import annotations
@@ -142,6 +146,8 @@ class FlowerExecutor(Executor):
     # What it adds to a client's record in metrics.jsonl (``annotate``; docs/flower.md)
     record_fields = frozenset({"node", "array_bytes_down", "array_bytes_up", "wire_bytes_down", "wire_bytes_up", "wire_bytes_down_unconfirmed",
                                "time_roundtrip_s", "time_outside_client_s", "time_clientapp_s", "time_flower_s"})
+    secure_fields = frozenset({"bytes_up_factored"})  # added under secure aggregation: the factors' bytes, beside the masked vector's
+
 
     def __init__(self, grid: Grid):
         self.grid = grid
@@ -151,6 +157,7 @@ class FlowerExecutor(Executor):
         self._wire: dict[str, dict] = {}  # client id -> wire byte counts of this round
         self._pending = None
         self._sent: dict[int, int] = {}  # client index -> wire bytes of its message in this wave
+        self._secure: dict | None = None  # the round's secure aggregation (secagg.py), for its metrics line
 
     def attach(self, runner) -> None:
         super().attach(runner)
@@ -314,6 +321,11 @@ class FlowerExecutor(Executor):
     def run(self, round_, conversations, progress):
         self.refresh_hosts()
         self._wire = {}
+        self._secure = None
+        if self.config.flower.secure_aggregation != "off":  # the round's updates go through SecAgg+ (secagg.py)
+            from flexfed.engines.flower.secagg import secure_round
+
+            return secure_round(self, round_, conversations)
         task = progress.add_task(f"round {round_} clients", total=len(conversations)) if progress else None
         advance = (lambda _key: progress.advance(task)) if progress else None
         out = converse(conversations, lambda wave: self._deliver(round_, wave, advance))
@@ -332,6 +344,8 @@ class FlowerExecutor(Executor):
                 r["time_flower_s"] = max(0.0, r["time_roundtrip_s"] - r.get("time_clientapp_s", 0.0))
         for r in record["clients_failed"]:
             r.update({k: v for k, v in self._wire.get(r["id"], {}).items() if not k.endswith("_up") and k != "time_clientapp_s"})
+        if self._secure is not None:  # secure aggregation: the protocol, the mean's tolerance, the nodes in the sum
+            record["secure_aggregation"] = self._secure
         record["wire_bytes_up"] = sum(r.get("wire_bytes_up", 0) for r in record["clients"])
         record["wire_bytes_down"] = sum(r.get("wire_bytes_down", 0) for r in everyone)
 
