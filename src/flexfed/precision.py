@@ -77,9 +77,12 @@ def resolve(precision: str, device: torch.device, writes_base: bool = False) -> 
     return precision
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype to autocast a step to (``autocast`` only), else None."""
-    return torch.bfloat16 if resolve(precision, device) == "autocast" else None
+def base_dtype(config, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype a run's trainer holds its base weights in on ``device`` (``model.dtype``, or
+    bfloat16 when the precision resolves to ``bf16``)."""
+    if resolve(config.training.precision, torch.device(device), config.federation.writes_base) == "bf16":
+        return torch.bfloat16
+    return getattr(torch, config.model.dtype)
 
 
 def use_bf16_weights(model: torch.nn.Module) -> None:

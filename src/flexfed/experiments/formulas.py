@@ -137,7 +137,10 @@ def client_layers(config, shape: ModelShape) -> list[int]:
 def wire_bytes(config) -> int:
     if config.split.wire_dtype != "model":
         return 2
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
+    from flexfed.client import pick_device
+    from flexfed.precision import base_dtype
+
+    return base_dtype(config, pick_device(config.device)).itemsize
 
 
 def kd_up(config, vocab: int, positions: int) -> int:
