@@ -11,6 +11,7 @@ from flexfed.engines.simulation import run
 from flexfed.evaluation import evaluation_loss, generate
 from flexfed.federation import build_federation
 from flexfed.models import SMOLLM2, load_model, load_tokenizer
+from flexfed.precision import base_dtype
 
 pytestmark = pytest.mark.real_model
 
@@ -46,7 +47,8 @@ def test_a_real_federated_round_saves_an_adapter_peft_loads_and_reproduces(tmp_p
     assert metrics[1]["clients_reported"] == 2 and metrics[1]["train_loss"] > 0
 
     _, tokenizer = smollm2
-    peft_model = PeftModel.from_pretrained(load_model(SMOLLM2), str(run_dir / "adapters" / "round-0001"))
+    base = load_model(SMOLLM2, dtype=base_dtype(config))  # the dtype the run trained and evaluated in
+    peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapters" / "round-0001"))
     federation = build_federation(config, tokenizer)
     # The adapter PEFT loads is the one the run evaluated: same loss on the same items.
     loss = evaluation_loss(peft_model, federation.eval_unseen, tokenizer.pad_token_id, batch_size=6)

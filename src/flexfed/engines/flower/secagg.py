@@ -54,7 +54,6 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPl
 from flexfed.aggregation.secure import DENSE, SecureMean, tolerance
 from flexfed.engines.flower import wire
 from flexfed.engines.flower.clientapp import APP_SECONDS, SECURE_TASK
-from flexfed.engines.flower.serverapp import POLL_S
 from flexfed.protocol import Failure, Outcome
 
 log = logging.getLogger(__name__)
@@ -101,8 +100,8 @@ class _Recorder:
     audit directory, keeps every array the ServerApp receives (array records and the npy bytes
     inside config records: SecAgg+'s masked vectors)."""
 
-    def __init__(self, grid, audit: Path | None):
-        self.grid, self.audit = grid, audit
+    def __init__(self, grid, audit: Path | None, poll_s: float):
+        self.grid, self.audit, self.poll_s = grid, audit, poll_s
         self.sent: dict[int, int] = {}
         self.received: dict[int, int] = {}
         self.masked: dict[int, int] = {}  # node -> bytes of the masked vector it sent
@@ -130,7 +129,7 @@ class _Recorder:
         return replies
 
     def _exchange(self, messages, timeout):
-        """Push, then pull every ``POLL_S`` until every reply is in or ``timeout`` has passed (the
+        """Push, then pull every ``poll_s`` (the executor's) until every reply is in or ``timeout`` has passed (the
         Grid's own ``send_and_receive`` sleeps 3 s between pulls: 4 stages, up to 12 s a round)."""
         pending = {mid for mid in self.grid.push_messages(messages) if mid}
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
@@ -140,7 +139,7 @@ class _Recorder:
                 pending.discard(reply.metadata.reply_to_message_id)
                 replies.append(reply)
             if pending and time.monotonic() < deadline:
-                time.sleep(POLL_S)
+                time.sleep(self.poll_s)
             elif pending:
                 break
         return replies
@@ -228,7 +227,7 @@ def secure_round(executor, round_: int, conversations: dict) -> dict:
             else:
                 keys = {k: tuple(t.shape) for k, t in down.arrays.items()}
     audit = config.run_dir / "secagg-audit" / f"round-{round_:04d}" if sa.audit else None
-    grid = _Recorder(executor.grid, audit)
+    grid = _Recorder(executor.grid, audit, executor.poll_s)
     strategy = _Round(executor.grid, fitins)
     began = time.perf_counter()
     error = None

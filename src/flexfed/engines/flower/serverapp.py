@@ -147,7 +147,7 @@ class FlowerExecutor(Executor):
     record_fields = frozenset({"node", "array_bytes_down", "array_bytes_up", "wire_bytes_down", "wire_bytes_up", "wire_bytes_down_unconfirmed",
                                "time_roundtrip_s", "time_outside_client_s", "time_clientapp_s", "time_flower_s"})
     secure_fields = frozenset({"bytes_up_factored"})  # added under secure aggregation: the factors' bytes, beside the masked vector's
-
+    poll_s = POLL_S  # seconds between pulls for replies (secagg.py polls at the same pace)
 
     def __init__(self, grid: Grid):
         self.grid = grid
