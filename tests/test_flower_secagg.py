@@ -171,7 +171,7 @@ def test_a_round_with_two_clients_on_one_node_fails_them_with_why_before_any_mes
     clients = [SimpleNamespace(client_id=f"c{c}", num_examples=4) for c in range(3)]
     grid = SimpleNamespace(push_messages=lambda m: pytest.fail("nothing may be sent"))
     executor = SimpleNamespace(config=config, federation=SimpleNamespace(clients=clients), runner=SimpleNamespace(protocol=SimpleNamespace(server=server)),
-                               host={0: 11, 1: 11}, _wire={}, grid=grid, config_yaml="")
+                               host={0: 11, 1: 11}, _wire={}, grid=grid, config_yaml="", poll_s=0.01)
     out = secure_round(executor, 1, {c: conversation(c) for c in range(3)})
     assert all(isinstance(o, Failure) for o in out.values())
     assert "SuperNode 11 carries client c0 this round" in str(out[1].error)

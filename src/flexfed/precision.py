@@ -17,6 +17,10 @@
   * generation slices the last position before the output head; ``evaluation`` makes that
     slice contiguous (a strided bf16 input made PyTorch copy the whole head once per row).
 
+  Evaluation runs in bf16 too, and reads losses higher than fp32 does on a trained adapter
+  (5-8% on SmolLM2 after a round; the no-grad output head computes in fp32, ``client.head_logits``,
+  which removes a quarter of that): compare losses across machines in fp32 (docs/results.md).
+
 - ``autocast``: float32 weights under ``torch.autocast(bfloat16)``, which re-casts every frozen
   weight at every step (slower than ``bf16`` on the machines measured; kept for comparison).
 - ``auto``: ``bf16`` where the device computes bfloat16 natively, else ``fp32``. On a CPU,
