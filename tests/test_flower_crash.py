@@ -11,7 +11,8 @@ finished and its result stated.
   started again on the same port and database: the SuperNodes reconnect under their old ids,
   the interrupted run stays ``running`` in the database with nothing running it until Flower
   fails it (no task heartbeat), and the run submitted again with ``resume=true`` continues from
-  its round-1 checkpoint and finishes round 2.
+  its round-1 checkpoint and finishes round 2 (a node that pulled the interrupted run's message
+  after the restart can miss the resumed run: Flower's, see the test).
 
 Harness and fixture: ``tests/test_flower.py``.
 """
@@ -187,9 +188,20 @@ def test_a_superlink_killed_between_rounds_restarts_on_its_database_and_the_run_
     metrics = _metrics(config.run_dir)
     assert [m["round"] for m in metrics] == [0, 1, 2]  # round 1 not redone; round 2 done once, by the resumed run
     assert metrics[1] == round_1
-    assert metrics[2]["clients_reported"] == 3 and not metrics[2]["clients_failed"]
-    # The SuperNodes reconnected to the restarted SuperLink, under their old ids.
-    assert {c["node"] for c in metrics[2]["clients"]} == set(node_ids), (node_ids, metrics[2]["clients"])
+    # The SuperNodes reconnected to the restarted SuperLink, under their old ids, and each trains
+    # its client in the resumed round 2, but for one case, Flower's: a SuperNode that pulls the
+    # interrupted run's round-2 message from the restarted SuperLink ignores it ("not in `RUNNING`
+    # status") and then leaves the resumed run's hosting query unserved, so its client is hosted
+    # by no node in round 2 and left out (NotSent). Seen in 1 of 5 runs, when the crash came
+    # before that node had pulled its round-2 message.
+    second = metrics[2]
+    stuck = {k for k, n in enumerate(nodes) if "is not in `RUNNING` status. Ignoring message" in n.log.read_text(errors="replace")}
+    assert second["clients_reported"] + len(second["clients_failed"]) == 3 and second["clients_reported"] >= 1
+    assert {c["node"]: c["id"] for c in second["clients"]}.items() <= {node_ids[k]: IDS[k] for k in range(3)}.items(), (node_ids, second["clients"])
+    for failed in second["clients_failed"]:
+        assert failed["reason"] == f"NotSent: client {failed['id']}: no connected SuperNode hosts it", failed
+        assert IDS.index(failed["id"]) in stuck, (failed, stuck)
+    print(f"resumed round 2: {second['clients_reported']} of 3 reported; nodes that ignored the interrupted run's message: {sorted(stuck)}")
     assert all(p.alive() for p in nodes)
     _finite_global(config.run_dir, 2)
     assert not math.isnan(metrics[2]["train_loss"])
