@@ -192,7 +192,7 @@ def test_a_superlink_killed_between_rounds_restarts_on_its_database_and_the_run_
     # its client in the resumed round 2, but for one case, Flower's: a SuperNode that pulls the
     # interrupted run's round-2 message from the restarted SuperLink ignores it ("not in `RUNNING`
     # status") and then leaves the resumed run's hosting query unserved, so its client is hosted
-    # by no node in round 2 and left out (NotSent). Seen in 1 of 5 runs, when the crash came
+    # by no node in round 2 and left out (NotSent). Seen in 2 of 6 runs, when the crash came
     # before that node had pulled its round-2 message.
     second = metrics[2]
     stuck = {k for k, n in enumerate(nodes) if "is not in `RUNNING` status. Ignoring message" in n.log.read_text(errors="replace")}
