@@ -28,6 +28,13 @@ plain ``flower-supernode`` it trains in its own short-lived process: a model loa
 Optional node config: ``data-path`` (overrides ``data.path``), ``device`` (overrides
 ``device``, e.g. ``cuda:1``).
 
+Fault injection, for tests: ``FLEXFED_FAULT_LATE_REPLY="ROUND:SECONDS"`` in the environment of
+the process that runs the ClientApp (e.g. one ``flexfed flower supernode`` started with it: its
+resident inherits it) makes it hold its reply to every train message of round ROUND for SECONDS
+before sending it, as a slow node would. It is read from that process's environment only,
+never from a message, the run config or the node config, so no remote party can set it; unset
+(the default) it does nothing.
+
 Secure aggregation (``flower.secure_aggregation: secaggplus``; ``secagg.py`` has the ServerApp's
 side): the messages of a SecAgg+ round carry its stage, and ``secure_mod`` hands those to Flower's
 ``secaggplus_mod``, which answers the key stages itself and, in the stage that collects the
@@ -59,6 +66,22 @@ APP_SECONDS = "clientapp_seconds"  # in RESULT: seconds the train handler took o
 
 
 SECURE_TASK = "flexfed"  # key of a secure round's FitIns config (and FitRes metrics): the task (stats) as JSON
+FAULT_LATE_REPLY = "FLEXFED_FAULT_LATE_REPLY"  # fault injection (tests): "ROUND:SECONDS", from this process's environment only
+
+
+def fault_delay(round_: str) -> float:
+    """Seconds to hold the reply to a train message of round ``round_`` (its group id): the fault
+    that ``FLEXFED_FAULT_LATE_REPLY`` injects, 0 without it."""
+    import os
+
+    spec = os.environ.get(FAULT_LATE_REPLY, "")
+    if not spec:
+        return 0.0
+    try:
+        target, seconds = spec.split(":")
+        return float(seconds) if target.strip() == str(round_) else 0.0
+    except ValueError:
+        raise ValueError(f'{FAULT_LATE_REPLY}={spec!r}: expected "ROUND:SECONDS"') from None
 
 
 # ----------------------------------------------------------------------------- the ClientApp
@@ -113,6 +136,10 @@ def train(msg: Message, context: Context) -> Message:
     if "fitins.config" in msg.content.config_records:  # a SecAgg+ round (through ``secure_mod``)
         return _secure_train(msg, context, began)
     stats, record = _serve(dict(msg.content.config_records[CONFIG]), msg.content.array_records[ADAPTER], context)
+    delay = fault_delay(msg.metadata.group_id)
+    if delay:
+        log.warning("fault injection (%s): holding the reply to client %s's round %s message for %.1f s", FAULT_LATE_REPLY, stats.get("client"), msg.metadata.group_id, delay)
+        time.sleep(delay)
     # The handler's own time on the node (training, decoding, encoding, any relay): the ServerApp
     # books the rest of the round trip to Flower (transport, polling, task dispatch).
     stats = {**stats, APP_SECONDS: time.perf_counter() - began}

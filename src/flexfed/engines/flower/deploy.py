@@ -2,7 +2,10 @@
 
 The commands are plain ``flower-superlink`` / ``flower-supernode`` invocations (see
 docs/flower.md); these helpers only fill in the flags flexfed relies on: runtime dependency
-installation off, TLS on, SuperNode authentication on, telemetry off.
+installation off, TLS on, SuperNode authentication on, telemetry off. ``LocalFederation`` runs
+them on loopback (tests, trying it out); for the failure tests (``tests/test_flower_crash.py``)
+it can crash and restart its SuperLink on the same database (``restart_superlink``) and give
+one SuperNode extra environment variables (a fault to inject).
 """
 
 from __future__ import annotations
@@ -234,6 +237,24 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
+def _descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid``, whatever their session (Linux: from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return found
+
+
 @dataclass
 class LocalProcess:
     name: str
@@ -295,21 +316,45 @@ class LocalFederation:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, cmd: list[str]) -> LocalProcess:
+    def _spawn(self, name: str, cmd: list[str], env: dict | None = None) -> LocalProcess:
         log = self.home / f"{name}.log"
         with open(log, "ab") as fh:
             flower = cmd[0] != sys.executable  # a Flower binary; flexfed's own wrapper makes its child reap
-            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.home, start_new_session=True,
+            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}, cwd=self.home, start_new_session=True,
                                      preexec_fn=reap_children if flower else None)
         proc = LocalProcess(name, popen, log)
         self.processes.append(proc)
         return proc
 
-    def start_superlink(self, timeout: float = 60.0) -> LocalProcess:
+    def start_superlink(self, timeout: float = 60.0, name: str = "superlink") -> LocalProcess:
         cmd = superlink_command(self.port, "127.0.0.1", self.certs, auth=self.auth, database=self.home / "superlink.db")
-        proc = self._spawn("superlink", cmd)
+        proc = self._spawn(name, cmd)
         wait_for_port(self.port, timeout, proc.popen)
         write_connection(self.connection, self.address, self.certs / "ca.crt" if self.certs else None, flwr_home=self.home / "flwr", default=True)
+        return proc
+
+    def restart_superlink(self, sig: int = signal.SIGKILL, timeout: float = 60.0) -> LocalProcess:
+        """End the SuperLink with ``sig``, and with it every process it started (Flower starts its
+        SuperExec in a session of its own, and the SuperExec the ServerApp processes: they are
+        signalled by pid), as on a SuperLink machine that crashes; then start a new SuperLink on
+        the same port and database (``superlink.db``). The new one takes ``processes[0]``."""
+        old = self.processes[0]
+        descendants = _descendants(old.pid)
+        old.kill(sig)
+        for pid in descendants:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            old.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        old.kill(signal.SIGKILL)  # stragglers of the group
+        old.popen.wait(10)
+        proc = self.start_superlink(timeout, name=f"superlink-{sum(p.name.startswith('superlink') for p in self.processes)}")
+        self.processes.remove(proc)
+        self.processes.insert(0, proc)
         return proc
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -332,9 +377,12 @@ class LocalFederation:
         if failures:
             raise RuntimeError("flwr supernode register failed:\n" + "\n".join(failures))
 
-    def start_supernode(self, name: str, node_config: str, auth_key: str | Path | None = None, worker: bool = True, isolation: str = "process") -> LocalProcess:
+    def start_supernode(self, name: str, node_config: str, auth_key: str | Path | None = None, worker: bool = True, isolation: str = "process",
+                        env: dict | None = None) -> LocalProcess:
         """A SuperNode; with ``worker`` (the default) through ``flexfed flower supernode``, which keeps a
-        trainer loaded (its ``--isolation``: ``run_supernode``); without, a plain ``flower-supernode``."""
+        trainer loaded (its ``--isolation``: ``run_supernode``); without, a plain ``flower-supernode``.
+        ``env``: variables added to this node's environment only (e.g. a fault to inject,
+        ``clientapp.FAULT_LATE_REPLY``)."""
         ca = self.certs / "ca.crt" if self.certs else None
         port = free_port()
         if worker:
@@ -345,7 +393,7 @@ class LocalFederation:
                 cmd += ["--auth-key", str(auth_key)]
         else:
             cmd = supernode_command(self.address, node_config, port=port, root_certificates=ca, auth_key=auth_key)
-        return self._spawn(name, cmd)
+        return self._spawn(name, cmd, env)
 
     def wait_for_log(self, proc: LocalProcess, text: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

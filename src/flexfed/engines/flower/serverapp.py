@@ -10,7 +10,11 @@ same config.
 
 A client whose node does not answer in time, crashed, disconnected or replied with something
 that is not a well-formed adapter is left out of the round (logged with the client and node
-ids). Every decoded update still goes through ``Server.check_update`` before aggregation.
+ids). Every decoded update still goes through ``Server.check_update`` before aggregation. A
+reply that arrives after its round's deadline is never read: a round pulls only the replies to
+its own messages (by message id), so a late round-r reply cannot enter round r + 1. A client
+hosted by several connected nodes goes to the one that answered the hosting query last, so a
+SuperNode restarted after a crash (a new node id) takes its clients over from the next round on.
 
 A SuperNode keeps no base weights between messages (``shares_base`` is False), so a method that
 changes the base sends what a client needs instead (``Aggregator.sent_alone``). For FLoRA, which
@@ -203,7 +207,10 @@ class FlowerExecutor(Executor):
         return new, Exchange(self.grid, items, min(ttl, QUERY_TIMEOUT_S))
 
     def end_query(self, pending: tuple[list[int], Exchange | None]) -> dict[int, int]:
-        """Record the answers and map each client to a connected node hosting it (the first to answer)."""
+        """Record the answers and map each client to a connected node hosting it: the one that
+        answered most recently. A SuperNode restarted after a crash comes back under a new id,
+        while the SuperLink lists the dead one as connected until its heartbeats run out (up to
+        twice Flower's 30 s heartbeat interval): the newer node is the live one."""
         new, exchange = pending
         replies = exchange.wait() if exchange else {}
         index = {c.client_id: i for i, c in enumerate(self.federation.clients)}
@@ -227,10 +234,10 @@ class FlowerExecutor(Executor):
             log.debug("node %s hosts %d clients", node, len(self.hosted_by[node]))
         connected = set(self.grid.get_node_ids())
         host: dict[int, int] = {}
-        for node, clients in self.hosted_by.items():
+        for node, clients in self.hosted_by.items():  # in the order the nodes answered: the last one wins
             if node in connected:
                 for c in clients:
-                    host.setdefault(c, node)
+                    host[c] = node
         if new:
             log.info("%d new SuperNodes queried; %d connected nodes host %d of %d clients", len(new), len(connected), len(host), len(self.federation.clients))
         if len(host) < len(self.federation.clients) and (new or not self.host):
