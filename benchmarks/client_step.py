@@ -67,6 +67,26 @@ def real_examples(tokenizer, count: int, max_prompt: int, max_response: int, see
     return encoded, source
 
 
+def prompts_of(examples) -> list[list[int]]:
+    """Each encoded example's prompt: its tokens before the first labelled one."""
+    return [e.input_ids[: next(i for i, x in enumerate(e.labels) if x != -100)] for e in examples]
+
+
+def alternate(sides: dict, repeats: int) -> tuple[dict[str, list[float]], dict]:
+    """Run each side once untimed, then ``repeats`` timed rounds of all sides in turn (so every
+    side sees the same machine state): seconds per side, and each side's last output."""
+    for fn in sides.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    outputs = {}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            began = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - began)
+    return times, outputs
+
+
 def gemm_peak(dtype: torch.dtype, m: int = 1024, k: int = 576, n: int = 1536, seconds: float = 2.0) -> float:
     """Best FLOP/s of ``m x k @ k x n`` (a training step's shape: tokens x hidden x MLP width)."""
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)

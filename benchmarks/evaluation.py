@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
 from aggregation import machine
-from client_step import gemm_peak, real_examples
+from client_step import alternate, gemm_peak, prompts_of, real_examples
 from flexfed.client import LocalTrainer, collate
 from flexfed.config import LoraConfig, TrainingConfig
 from flexfed.evaluation import generate
@@ -52,7 +51,7 @@ def main(argv=None) -> None:
     start = init_adapter(shapes, {n: 8 for n in shapes}, lora.alpha, lora.rslora, seed=0)
     adapter = {n: Factors(b=torch.randn_like(f.b) * 0.02, a=f.a, scale=f.scale) for n, f in start.items()}
     examples, source = real_examples(tokenizer, args.prompts, 160, 32, seed=0)
-    prompts = [e.input_ids[: next(i for i, x in enumerate(e.labels) if x != -100)] for e in examples]
+    prompts = prompts_of(examples)
 
     def through_adapter():
         trainer.activate(adapter)
@@ -62,14 +61,7 @@ def main(argv=None) -> None:
         with trainer.merged(adapter) as m:
             return generate(m, tokenizer, prompts, args.new_tokens, args.batch_size)
 
-    through_adapter(), merged()  # warm-up
-    times: dict[str, list[float]] = {"adapter": [], "merged": []}
-    outputs = {}
-    for _ in range(args.repeats):
-        for name, fn in (("adapter", through_adapter), ("merged", merged)):
-            began = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - began)
+    times, outputs = alternate({"adapter": through_adapter, "merged": merged}, args.repeats)
 
     batch = {k: v for k, v in collate(examples[: args.batch_size], tokenizer.pad_token_id).items() if k != "labels"}
     with torch.no_grad():

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from aggregation import machine
-from client_step import gemm_peak, real_examples
+from client_step import alternate, gemm_peak, prompts_of, real_examples
 from flexfed.client import LocalTrainer
 from flexfed.config import LoraConfig, TrainingConfig
 from flexfed.evaluation import _stop_ids, generate_ids, rouge_l
@@ -69,7 +68,7 @@ def main(argv=None) -> None:
     start = init_adapter(shapes, {n: 8 for n in shapes}, lora.alpha, lora.rslora, seed=0)
     adapter = {n: Factors(b=torch.randn_like(f.b) * 0.02, a=f.a, scale=f.scale) for n, f in start.items()}
     examples, source = real_examples(tokenizer, args.prompts, 160, 32, seed=0)
-    prompts = [e.input_ids[: next(i for i, x in enumerate(e.labels) if x != -100)] for e in examples]
+    prompts = prompts_of(examples)
     references = [[tokenizer.decode([t for t in e.labels if t != -100], skip_special_tokens=True).strip()] for e in examples]
     stops = _stop_ids(tokenizer)
 
@@ -81,14 +80,7 @@ def main(argv=None) -> None:
         with trainer.merged(adapter) as model:
             return generate_ids(model, tokenizer, prompts, args.new_tokens, args.batch_size)
 
-    plain(), flexfed()  # warm-up
-    times: dict[str, list[float]] = {"plain": [], "flexfed": []}
-    outputs = {}
-    for _ in range(args.repeats):
-        for name, fn in (("plain", plain), ("flexfed", flexfed)):
-            began = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - began)
+    times, outputs = alternate({"plain": plain, "flexfed": flexfed}, args.repeats)
 
     print(machine())
     peak = gemm_peak(torch.bfloat16 if trainer.precision == "bf16" else torch.float32, seconds=1.0)

@@ -24,9 +24,9 @@
 - ``autocast``: float32 weights under ``torch.autocast(bfloat16)``, which re-casts every frozen
   weight at every step (slower than ``bf16`` on the machines measured; kept for comparison).
 - ``auto``: ``bf16`` where the device computes bfloat16 natively, else ``fp32``. On a CPU,
-  "natively" is measured, not read from the feature flags: a bfloat16 GEMM of a training step's
-  shape must run at least ``NATIVE_SPEEDUP`` times faster than float32, so a CPU that emulates
-  bfloat16 keeps float32. Methods that write into the base weights (``writes_base``: FLoRA's
+  "natively" needs the instructions (AVX-512 BF16 or AMX) and a measurement: a bfloat16 GEMM of
+  a training step's shape must run at least ``NATIVE_SPEEDUP`` times faster than float32, so a
+  CPU that emulates bfloat16 keeps float32. Methods that write into the base weights (``writes_base``: FLoRA's
   merges, FedKSeed's perturbations of size ε) stay float32 under ``auto``, since bfloat16 would
   round those writes away; asking them for ``bf16`` explicitly is an error.
 """
@@ -46,7 +46,8 @@ ATTENTION = "flexfed_sdpa"
 @lru_cache(maxsize=None)
 def bf16_gemm_speedup(threads: int) -> float:
     """bf16 over fp32 GEMM throughput on this CPU (1024 x 576 @ 576 x 1536), the best of three
-    tries: a try can land on a moment the machine is busy, never on a faster machine."""
+    tries: a try can land on a moment the machine is busy, never on a faster machine. Measured
+    once per process and thread count (``threads``: the cache key)."""
     def best(dtype: torch.dtype) -> float:
         a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
         a @ b, a @ b
