@@ -32,6 +32,7 @@ from flexfed.cost import Architecture, StepCost
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
 from flexfed.lora import Adapter, Factors, get_adapter, lora_modules, lora_scale, peft_config, set_adapter
+from flexfed.fused import use_low_precision_branch
 from flexfed.precision import PAD_MULTIPLE, padded_width, resolve, use_bf16_weights
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,8 @@ class LocalTrainer:
                 self.peft_model = get_peft_model(self.base_model, config, adapter_name=name)
             else:
                 self.peft_model.add_adapter(name, config)
+            if self.precision == "bf16":
+                use_low_precision_branch(self.peft_model, name)
             self._slots[key] = name
         return self._slots[key]
 

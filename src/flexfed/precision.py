@@ -91,8 +91,12 @@ def base_dtype(config, device: torch.device | str = "cpu") -> torch.dtype:
 
 
 def use_bf16_weights(model: torch.nn.Module) -> None:
-    """Store ``model``'s frozen weights in bfloat16 and route its attention through ``flexfed_sdpa``."""
+    """Store ``model``'s frozen weights in bfloat16, route its attention through ``flexfed_sdpa``
+    and its RMSNorms through the fused one (``flexfed.fused``)."""
+    from flexfed.fused import fuse_rms_norms
+
     model.to(torch.bfloat16)
+    fuse_rms_norms(model)
     if hasattr(model, "set_attn_implementation"):
         _register_attention()
         model.set_attn_implementation(ATTENTION)
