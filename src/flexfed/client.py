@@ -216,7 +216,7 @@ class LocalTrainer:
                 self.peft_model = get_peft_model(self.base_model, config, adapter_name=name)
             else:
                 self.peft_model.add_adapter(name, config)
-            if self.precision == "bf16":
+            if self.precision == "bf16" and self.local_dp is None:  # Opacus's per-example hooks need PEFT's lora_A/lora_B modules called
                 use_low_precision_branch(self.peft_model, name)
             self._slots[key] = name
         return self._slots[key]

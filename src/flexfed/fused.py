@@ -12,9 +12,10 @@ frozen base needs (``benchmarks/client_step.py``, docs/results.md):
   bf16 GEMMs added onto the base output by ``addmm``, and the backward returns float32 gradients
   for the float32 factors (which the optimizer updates in float32, as before). Installed as a PEFT
   ``LoraVariant`` (PEFT's own hook for DoRA and the like), so adapters, slots and saving are
-  PEFT's as ever.
-- ``RMSNorm``, Llama's RMSNorm with a frozen weight: the statistics in float32 as Transformers
-  computes them, and a backward that recomputes the normalised input from the bf16 input and the
+  PEFT's as ever. Only under autograd: without gradients (evaluation) the branch is PEFT's own,
+  so a run evaluates exactly what a user's ``PeftModel`` on the same bf16 base computes.
+- ``RMSNorm``, Llama's RMSNorm with a frozen weight: the forward is Transformers' own, op for
+  op (the same numbers), and a backward that recomputes the normalised input from the bf16 input and the
   per-row scale instead of keeping float32 copies (eager autograd keeps four).
 
 Both compute what the eager modules compute up to bf16 rounding (tests/test_precision.py).
@@ -73,9 +74,11 @@ class LowPrecisionBranch:
 
     @staticmethod
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
         x = module.lora_dropout[active_adapter](x)
-        a, b = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
-        return LoraBranch.apply(x, result, a, b, module.scaling[active_adapter])
+        if not torch.is_grad_enabled():  # inference: exactly PEFT's branch, as a user's PeftModel computes it
+            return result + lora_b(lora_a(x.to(lora_a.weight.dtype))) * module.scaling[active_adapter]
+        return LoraBranch.apply(x, result, lora_a.weight, lora_b.weight, module.scaling[active_adapter])
 
 
 def use_low_precision_branch(peft_model, adapter_name: str) -> None:

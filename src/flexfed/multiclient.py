@@ -38,6 +38,7 @@ from flexfed.client import CLIENT_ERRORS, ClientResult, LocalTrainer, batch_sche
 from flexfed.data.prompts import IGNORE_INDEX as IGNORE
 from flexfed.data.prompts import EncodedExample
 from flexfed.lora import Adapter, Factors
+from flexfed.precision import padded_width
 
 @dataclass
 class ClientJob:
@@ -155,6 +156,9 @@ class MultiClientTrainer:
         def add_lora(module, args, output):
             a, b, s = self._stacked[name]  # (K, r, d_in), (K, d_out, r), (K, 1, 1)
             x = args[0].reshape(a.shape[0], -1, args[0].shape[-1])  # K client blocks of rows
+            if x.dtype == torch.bfloat16:  # the bf16 path: the branch in bf16, as ``fused.LoraBranch`` does
+                return torch.baddbmm(output.reshape(x.shape[0], -1, output.shape[-1]), torch.bmm(x, a.to(x.dtype).mT),
+                                     (b * s).to(x.dtype).mT).reshape(output.shape)
             delta = torch.bmm(torch.bmm(x.to(a.dtype), a.mT), b.mT)
             return output + (delta * s.to(delta.dtype)).reshape(output.shape).to(output.dtype)
 
@@ -192,13 +196,14 @@ class MultiClientTrainer:
     # ------------------------------------------------------------------ training
 
     def _joint_batch(self, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """K client batches as K equal blocks of rows, right-padded to the widest.
+        """K client batches as K equal blocks of rows, right-padded to the widest
+        (rounded up to the trainer's ``pad_multiple``).
 
         Filler rows (a client's last batch may be short) attend to all their pad tokens, which keeps
         them finite, and carry no label, so they add nothing to any loss or gradient.
         """
         rows = max(b["input_ids"].shape[0] for b in batches)
-        width = max(b["input_ids"].shape[1] for b in batches)
+        width = padded_width(max(b["input_ids"].shape[1] for b in batches), self.trainer.pad_multiple)
         shape = (len(batches) * rows, width)
         ids = torch.full(shape, self.trainer.pad_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE, dtype=torch.long)

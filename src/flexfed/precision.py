@@ -15,7 +15,10 @@
     every new matrix shape, and a new width at every step made the base GEMMs 4x slower
     (365 against 1,716 GFLOP/s in a 576 x 1536 projection);
   * generation slices the last position before the output head; ``evaluation`` makes that
-    slice contiguous (a strided bf16 input made PyTorch copy the whole head once per row).
+    slice contiguous (a strided bf16 input made PyTorch copy the whole head once per row);
+  * the LoRA branch runs in bf16 as one autograd function, and RMSNorm as another
+    (``flexfed.fused``): PEFT's float32 branch cast every adapted projection's input to float32
+    and back, and element-wise work is most of a bf16 step's time on a CPU.
 
   Evaluation runs in bf16 too, and reads losses higher than fp32 does on a trained adapter
   (5-8% on SmolLM2 after a round; the no-grad output head computes in fp32, ``client.head_logits``,
