@@ -75,8 +75,15 @@ def test_trainer_installs_the_fused_pieces_on_the_bf16_path_only(tokenizer, sett
     start = init_adapter(shapes, {n: 4 for n in shapes}, config.lora.alpha, config.lora.rslora, seed=0)
     name = trainer.activate(start)
     layers = lora_modules(trainer.peft_model).values()
-    assert all((layer.lora_variant.get(name) is LowPrecisionBranch) == fused for layer in layers)
+    assert all(isinstance(layer.lora_variant.get(name), LowPrecisionBranch) == fused for layer in layers)
     assert ("forward" in vars(model.model.norm)) == fused
+    layer = next(iter(layers))  # PEFT's merge and unmerge work through the variant too
+    weight = layer.get_base_layer().weight.detach().clone()
+    layer.lora_B[name].weight.data.normal_()
+    layer.merge(safe_merge=True)
+    assert not torch.equal(layer.get_base_layer().weight, weight)
+    layer.unmerge()
+    torch.testing.assert_close(layer.get_base_layer().weight, weight, rtol=0.02, atol=0.02)
 
 
 def test_fed_sb_core_trains_through_the_fused_branch(tokenizer):

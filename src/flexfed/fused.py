@@ -18,12 +18,13 @@ frozen base needs (``benchmarks/client_step.py``, docs/results.md):
   op (the same numbers), and a backward that recomputes the normalised input from the bf16 input and the
   per-row scale instead of keeping float32 copies (eager autograd keeps four).
 
-Both compute what the eager modules compute up to bf16 rounding (tests/test_precision.py).
+Both compute what the eager modules compute up to bf16 rounding (tests/test_fused.py).
 """
 
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora.layer import LoraVariant
 
 from flexfed.lora import lora_modules
 
@@ -52,9 +53,9 @@ class LoraBranch(torch.autograd.Function):
         return grad_x, grad, grad_a, grad_b, None
 
 
-class LowPrecisionBranch:
-    """A PEFT ``LoraVariant``: the plain LoRA branch through ``LoraBranch``. Merging is the plain
-    one (``W + s B A``); flexfed does not merge into a bf16 base (``LocalTrainer.merged``)."""
+class LowPrecisionBranch(LoraVariant):
+    """The plain LoRA branch through ``LoraBranch``. Merging is the plain one (``W + s B A``);
+    flexfed does not merge into a bf16 base (``LocalTrainer.merged``), but PEFT's own merge works."""
 
     @staticmethod
     def init(module, adapter_name: str, **kwargs) -> None:
@@ -85,7 +86,7 @@ def use_low_precision_branch(peft_model, adapter_name: str) -> None:
     """Route adapter ``adapter_name``'s LoRA branches through ``LoraBranch``; PEFT then passes
     the layers' input uncast (``cast_input_dtype_enabled``), in the base's dtype."""
     for layer in lora_modules(peft_model).values():
-        layer.lora_variant[adapter_name] = LowPrecisionBranch
+        layer.lora_variant[adapter_name] = LowPrecisionBranch()  # PEFT holds variant instances
         layer.cast_input_dtype_enabled = False
 
 
