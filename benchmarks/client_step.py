@@ -195,7 +195,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"data: {source}; {n_train} training examples, batch {args.batch_size}, {args.steps} steps, "
           f"prompt <= {args.max_prompt}, response <= {args.max_response} tokens")
-    print(f"flexfed precision: {args.precision} -> {trainer.precision}; bf16 GEMMs {bf16_gemm_speedup(torch.get_num_threads()):.1f}x fp32 here"
+    print(f"flexfed precision: {args.precision} -> {trainer.precision}; bf16 GEMMs {bf16_gemm_speedup(torch.get_num_threads()):.2g}x fp32 here"
           + ("" if precision else " (bf16 not native on this CPU)"))
 
     # (1) one identical batch through both loss functions
